@@ -1,0 +1,192 @@
+"""The `rlhf-jax` command line: train | info | generate | make-preferences | quickstart.
+
+Every command takes `--gin_file` (repeatable; later files win), `--gin.KEY=VALUE` and
+`--gin_bindings KEY=VALUE` (bindings win over files), and the multi-host flags. User errors in
+the configuration exit with code 2 and one message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import gin
+from rlhf_jax import gin_utils
+
+log = logging.getLogger("rlhf_jax")
+
+COMMANDS = {
+    "train": "run the stage the gin files configure (`train.stage`), e.g. SFT, reward model, DPO",
+    "info": "build the configured model on the configured mesh; print parameter count, FLOPs "
+    "per token and parameter shardings",
+    "generate": "sample completions for prompts from a policy checkpoint (JSONL out)",
+    "make-preferences": "sample K completions per prompt, score them with the gold judge and "
+    "label preference pairs",
+    "quickstart": "the whole offline pipeline on the built-in reviews task, on CPU",
+}
+
+EPILOG = """\
+gin:
+  --gin_file FILE          a gin file (repeatable; later files override earlier ones)
+  --gin.KEY=VALUE          one binding, e.g. --gin.RUN_DIR="'runs/sft'" or --gin.TRAIN_STEPS=200
+  --gin_bindings KEY=VALUE same as --gin.KEY=VALUE (repeatable)
+  Conventional macros: RUN_DIR, TRAIN_STEPS, SEED, BATCH_SIZE. A string value may be given
+  bare (--gin.RUN_DIR=runs/x): values that are not valid gin literals are quoted for you.
+
+multi-host (or set RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES / RLHF_JAX_PROCESS_ID):
+  --coordinator_address HOST:PORT  --num_processes N  --process_id I
+"""
+
+
+class CLIError(Exception):
+    """A user error reported with exit code 2."""
+
+
+def _quote_if_needed(binding: str) -> str:
+    """`KEY=runs/x` -> `KEY='runs/x'` when the value is not a gin literal or reference."""
+    key, _, value = binding.partition("=")
+    v = value.strip()
+    if not v:
+        return binding
+    looks_gin = v[0] in "'\"([{%@-0123456789." or v in ("True", "False", "None")
+    if looks_gin:
+        return binding
+    return f"{key}={v!r}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-jax",
+        description="rlhf_jax: RLHF in JAX. SFT, reward models, DPO family, generation; every "
+        "stage configured with gin.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {k:<18}{v}" for k, v in COMMANDS.items())
+        + "\n\nRun `rlhf-jax COMMAND --help` for a command's flags.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--gin_file",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="gin file (repeatable; later files win)",
+        )
+        p.add_argument(
+            "--gin_bindings",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="gin binding (repeatable; wins over files)",
+        )
+        p.add_argument("--coordinator_address", default=None, help="multi-host coordinator")
+        p.add_argument("--num_processes", type=int, default=None, help="multi-host: processes")
+        p.add_argument("--process_id", type=int, default=None, help="multi-host: this process")
+        p.add_argument("--log_level", default="INFO", help="python logging level")
+        if name == "quickstart":
+            p.add_argument(
+                "--out_dir",
+                default="runs/quickstart",
+                help="where the quickstart writes its run directories",
+            )
+            p.add_argument(
+                "--fast", action="store_true", help="a much smaller run (for smoke tests)"
+            )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Splits `--gin.KEY=VALUE` flags out before argparse sees the rest."""
+    gin_flags, rest = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--gin."):
+            body = a[len("--gin.") :]
+            if "=" not in body:  # --gin.KEY VALUE
+                body = f"{body}={next(it, '')}"
+            gin_flags.append(body)
+        else:
+            rest.append(a)
+    args = build_parser().parse_args(rest)
+    bindings = [_quote_if_needed(b) for b in (*args.gin_bindings, *gin_flags)]
+    return args, bindings
+
+
+@gin.configurable("train")
+def train_entry(stage: Callable[[], object] = gin.REQUIRED):
+    """Runs the configured stage (`train.stage = @sft_stage` and so on)."""
+    return stage()
+
+
+def _is_gin_call_error(e: BaseException) -> bool:
+    msg = str(e)
+    return "Required bindings for" in msg or "No values supplied by Gin" in msg
+
+
+def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
+    from rlhf_jax import partitioning
+
+    partitioning.initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id
+    )
+    gin_utils.parse(args.gin_file, bindings)
+    run_dir = gin_utils.macro_value("RUN_DIR")
+    if run_dir and args.command in ("train", "generate", "make-preferences"):
+        gin_utils.write_config(run_dir)
+    from rlhf_jax import registry
+
+    if args.command == "train":
+        train_entry()
+    elif args.command == "info":
+        registry.info()
+    elif args.command == "generate":
+        registry.generate_command()
+    elif args.command == "make-preferences":
+        registry.make_preferences_command()
+    elif args.command == "quickstart":
+        registry.quickstart(out_dir=args.out_dir, fast=args.fast)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, bindings = parse_args(argv)
+    if not args.command:
+        build_parser().print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    try:
+        return run_command(args, bindings)
+    except gin_utils.GinConfigError as e:
+        print(f"rlhf-jax: configuration error: {e}", file=sys.stderr)
+        return 2
+    except CLIError as e:
+        print(f"rlhf-jax: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TypeError, ValueError) as e:
+        if _is_gin_call_error(e):
+            first = str(e).strip().split("\n")
+            print(
+                f"rlhf-jax: configuration error: {' / '.join(s.strip() for s in first[:3])}",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

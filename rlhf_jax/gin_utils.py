@@ -1,0 +1,178 @@
+"""gin plumbing: parse files and bindings, validate macros, dump the operative config, and
+register third-party builders (optax) so gin files can name them.
+
+Every gin problem the user can cause (unknown name, syntax error, missing file, a REQUIRED macro
+left unset, a macro used but never defined) is raised as `GinConfigError` with one message that
+names the file and line or the binding; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tokenize
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+from gin import config as gin_config
+
+# Repository root: gin files are looked up relative to the working directory first, then here,
+# so `--gin_file gin/experiments/x.gin` works from anywhere inside an editable install.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CONVENTIONAL_MACROS = ("RUN_DIR", "TRAIN_STEPS", "SEED", "BATCH_SIZE")
+
+
+class GinConfigError(ValueError):
+    """A user error in gin files or bindings (exit code 2 in the CLI)."""
+
+
+_registered = False
+
+
+def register_external() -> None:
+    """Makes optax's optimisers and schedules nameable from gin (`@optax.adamw`, ...)."""
+    global _registered
+    if _registered:
+        return
+    import optax
+
+    for name in ("adamw", "adam", "sgd", "lion", "adafactor"):
+        gin.external_configurable(getattr(optax, name), module="optax")
+    for name in (
+        "constant_schedule",
+        "warmup_cosine_decay_schedule",
+        "linear_schedule",
+        "warmup_constant_schedule",
+    ):
+        if hasattr(optax, name):
+            gin.external_configurable(getattr(optax, name), module="optax")
+    _registered = True
+
+
+def import_configurables() -> None:
+    """Imports every module that registers gin configurables, so any gin file parses."""
+    import importlib
+
+    register_external()
+    for mod in (
+        "rlhf_jax.models.config",
+        "rlhf_jax.partitioning",
+        "rlhf_jax.registry",
+    ):
+        importlib.import_module(mod)
+
+
+def resolve_gin_file(path: str) -> str:
+    """Finds a gin file as given, or relative to the repository root."""
+    p = Path(path)
+    if p.exists():
+        return str(p)
+    alt = REPO_ROOT / path
+    if alt.exists():
+        return str(alt)
+    raise GinConfigError(f"gin file not found: {path}")
+
+
+def _format_binding(b: str) -> str:
+    return b if "=" in b else f"{b} (a binding needs KEY=VALUE)"
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses files then bindings (later ones win) and validates macros.
+
+    Raises:
+      GinConfigError: with the file/line or binding at fault.
+    """
+    import_configurables()
+    files = [resolve_gin_file(f) for f in gin_files]
+    for b in bindings:
+        if "=" not in b:
+            raise GinConfigError(f"bad binding {b!r}: expected KEY=VALUE")
+    # Includes inside files are resolved relative to the repo root as well.
+    gin.add_config_file_search_path(str(REPO_ROOT))
+    for f in files:
+        try:
+            gin.parse_config_file(f)
+        except (SyntaxError, tokenize.TokenError) as e:
+            line = getattr(e, "lineno", None)
+            if isinstance(e, tokenize.TokenError) and len(e.args) > 1:
+                line = e.args[1][0]
+            raise GinConfigError(f"gin syntax error in {f}, line {line}: {e.args[0]}") from None
+        except (ValueError, OSError, KeyError) as e:
+            raise GinConfigError(f"in gin file {f}: {e}") from None
+    for b in bindings:
+        try:
+            gin.parse_config(b)
+        except (SyntaxError, tokenize.TokenError) as e:
+            raise GinConfigError(f"gin syntax error in binding {b!r}: {e.args[0]}") from None
+        except (ValueError, OSError, KeyError) as e:
+            msg = str(e).split("\n")[0]
+            raise GinConfigError(f"bad binding {b!r}: {msg}") from None
+    validate_macros()
+
+
+def _macro_refs(value, out: set[str]) -> None:
+    if isinstance(value, gin_config.ConfigurableReference):
+        sel = value.scoped_selector
+        if sel.endswith("/gin.macro"):
+            out.add(sel[: -len("/gin.macro")])
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _macro_refs(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _macro_refs(v, out)
+
+
+def macros() -> dict[str, object]:
+    """The macros currently defined (name -> parsed value)."""
+    return {
+        scope: b["value"]
+        for (scope, sel), b in gin_config._CONFIG.items()
+        if sel == "gin.macro" and "value" in b
+    }
+
+
+def validate_macros() -> None:
+    """Fails on macros that are used but undefined, or still `%gin.REQUIRED`."""
+    defined = macros()
+    used: set[str] = set()
+    for (_scope, _sel), params in gin_config._CONFIG.items():
+        for v in params.values():
+            _macro_refs(v, used)
+    missing = sorted(used - set(defined))
+    if missing:
+        raise GinConfigError(
+            f"macro(s) used but never defined: {', '.join(missing)} "
+            f"(set with --gin.{missing[0]}=...)"
+        )
+    required = sorted(
+        n
+        for n, v in defined.items()
+        if isinstance(v, gin_config.ConfigurableReference)
+        and v.scoped_selector == "gin.REQUIRED/gin.constant"
+    )
+    if required:
+        hint = " ".join(f"--gin.{n}=..." for n in required)
+        raise GinConfigError(f"REQUIRED macro(s) not set: {', '.join(required)} ({hint})")
+
+
+def macro_value(name: str, default=None):
+    """Value of a macro after parsing (or `default`)."""
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return default
+
+
+def write_config(run_dir: str | os.PathLike, operative: bool = False) -> Path:
+    """Writes the config to RUN_DIR/config.gin (atomically); operative = only what was used."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = gin.operative_config_str() if operative else gin.config_str()
+    path = run_dir / "config.gin"
+    tmp = path.with_suffix(".gin.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

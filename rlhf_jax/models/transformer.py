@@ -1,0 +1,314 @@
+"""The decoder-only transformer (Flax NNX) for GPT-2-style and Llama-style models, with a KV cache.
+
+Conventions:
+- `attention_mask_BT` is 1 on real tokens and 0 on padding; padding may be on either side.
+  Position ids default to the number of real tokens before each token, so a left-padded prompt
+  gives the same logits as the unpadded one.
+- With a cache (`init_cache`), a call writes its K/V into slots `[cache_index, cache_index+T)`
+  and attends over every slot whose `attention_mask_BS` entry is 1 and whose slot is not in the
+  future; the caller owns the slot mask (the sampler marks prompt padding 0).
+- Parameters are stored in `param_dtype` and computed in `compute_dtype`; logits are fp32.
+- Every parameter carries logical axis names (see `rlhf_jax.partitioning`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.partitioning import with_logical_constraint as wlc
+
+Cache = list[dict[str, jax.Array]]
+
+
+def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, value=None) -> nnx.Param:
+    if value is not None:
+        arr = jnp.full(shape, value, cfg.pdtype)
+    else:
+        std = cfg.init_std if std is None else std
+        arr = std * jax.random.normal(rngs.params(), shape, cfg.pdtype)
+    return nnx.Param(arr, out_sharding=names)
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm over the last axis, computed in fp32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=1.0)
+        if cfg.norm == "layernorm":
+            self.bias = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=0.0)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split pairing (the Hugging Face Llama convention)."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's residual scaling
+        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
+        if cfg.use_bias:
+            self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, value=0.0)
+            self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+            self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+            self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+
+    def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
+        cfg, dt = self.cfg, x_BTD.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dt))
+        if cfg.use_bias:
+            q, k, v = (
+                q + self.bq[...].astype(dt),
+                k + self.bk[...].astype(dt),
+                v + self.bv[...].astype(dt),
+            )
+        if cfg.pos_emb == "rope":
+            q, k = rope(q, positions_BT, cfg.rope_theta), rope(k, positions_BT, cfg.rope_theta)
+        q = wlc(q, ("batch", "length", "act_heads", None))
+        k = wlc(k, ("batch", "length", "act_kv_heads", None))
+        v = wlc(v, ("batch", "length", "act_kv_heads", None))
+        T = x_BTD.shape[1]
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
+            )
+            cache = {"k": k, "v": v}
+            k, v = k.astype(dt), v.astype(dt)
+            q_slot = cache_index + jnp.arange(T)
+        else:
+            q_slot = jnp.arange(T)
+        use_cudnn = (
+            cache is None
+            and right_padded
+            and cfg.attention_impl in ("auto", "cudnn")
+            and (cfg.attention_impl == "cudnn" or jax.default_backend() == "gpu")
+            and dt in (jnp.bfloat16, jnp.float16)
+        )
+        if use_cudnn:
+            lengths = mask_BS.astype(jnp.int32).sum(-1)
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn"
+            )
+        else:
+            k_slot = jnp.arange(k.shape[1])
+            allowed = (k_slot[None, :] <= q_slot[:, None])[None] & mask_BS[:, None, :].astype(bool)
+            # A padding query attends to itself only, so its (ignored) output stays finite.
+            allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]
+            out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
+        out = wlc(out, ("batch", "length", "act_heads", None))
+        y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        if cfg.use_bias:
+            y = y + self.bo[...].astype(dt)
+        return y, cache
+
+
+class MLP(nnx.Module):
+    """GELU (GPT-2, tanh approximation) or SwiGLU (Llama) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.d_ff
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wi = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        if cfg.mlp == "swiglu":
+            self.wg = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.wo = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+        if cfg.use_bias:
+            self.bi = _param(rngs, (f,), ("mlp",), cfg, value=0.0)
+            if cfg.mlp == "swiglu":
+                self.bg = _param(rngs, (f,), ("mlp",), cfg, value=0.0)
+            self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+
+    def __call__(self, x_BTD):
+        cfg, dt = self.cfg, x_BTD.dtype
+        h = x_BTD @ self.wi[...].astype(dt)
+        if cfg.use_bias:
+            h = h + self.bi[...].astype(dt)
+        if cfg.mlp == "swiglu":
+            g = x_BTD @ self.wg[...].astype(dt)
+            if cfg.use_bias:
+                g = g + self.bg[...].astype(dt)
+            h = jax.nn.silu(g) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        h = wlc(h, ("batch", "length", "act_mlp"))
+        y = h @ self.wo[...].astype(dt)
+        if cfg.use_bias:
+            y = y + self.bo[...].astype(dt)
+        return y
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.ln1, self.attn = Norm(cfg, rngs), Attention(cfg, rngs)
+        self.ln2, self.mlp = Norm(cfg, rngs), MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, right_padded=False):
+        a, cache = self.attn(self.ln1(x), positions, mask, cache, cache_index, right_padded)
+        x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return wlc(x, ("batch", "length", "act_embed")), cache
+
+
+def _block_call(block, x, positions, mask, right_padded):
+    return block(x, positions, mask, None, None, right_padded)[0]
+
+
+_remat_block_call = nnx.remat(_block_call, static_argnums=(4,))
+
+
+def default_positions(attention_mask_BT: jax.Array) -> jax.Array:
+    """Position id = number of real tokens before this one (0 on leading padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model.
+
+    `forward` returns final hidden states (after the last norm) and the updated cache;
+    `unembed` maps hidden states to fp32 logits; `__call__` does both.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        if cfg.pos_emb == "learned":
+            self.pos_embed = _param(
+                rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, std=0.01
+            )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.ln_f = Norm(cfg, rngs)
+        if lm_head and not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def forward(
+        self,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int | None = None,
+        right_padded: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Hidden states [B, T, D] in compute dtype, and the new cache (None without one).
+
+        Args:
+          input_ids_BT: token ids.
+          attention_mask_BT: 1 = real token. Without a cache it is over the T inputs; with a
+            cache it is over the S cache slots (after this call's writes).
+          positions_BT: position ids; default counts real tokens (no cache) — required with a
+            cache.
+          cache: from `init_cache`; written at `cache_index`.
+          right_padded: promise that padding is only on the right, which allows the cuDNN
+            flash-attention kernel on GPU.
+        """
+        cfg = self.cfg
+        B, T = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((B, T), jnp.int32)
+        if positions_BT is None:
+            if cache is not None:
+                raise ValueError("positions_BT is required when decoding with a cache")
+            positions_BT = default_positions(attention_mask_BT)
+        # Gather from tables whose embed axis is all-gathered first (as FSDP does anyway), so
+        # the partitioner does not fall back to replicating the gathered activations.
+        table = wlc(self.embed[...], ("vocab", None))
+        x = jnp.take(table, input_ids_BT, axis=0).astype(cfg.dtype)
+        if cfg.pos_emb == "learned":
+            pos_table = wlc(self.pos_embed[...], ("pos", None))
+            x = x + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.dtype)
+        x = wlc(x, ("batch", "length", "act_embed"))
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x, c = block(x, positions_BT, attention_mask_BT, cache[i], cache_index)
+                new_cache.append(c)
+            elif cfg.remat:
+                x = _remat_block_call(block, x, positions_BT, attention_mask_BT, right_padded)
+            else:
+                x, _ = block(x, positions_BT, attention_mask_BT, None, None, right_padded)
+        return self.ln_f(x), new_cache
+
+    def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
+        """fp32 logits [B, T, V] from hidden states (works on any leading shape)."""
+        dt = hidden_BTD.dtype
+        if self.cfg.tie_embeddings:
+            w_DV = self.embed[...].astype(dt).T
+        else:
+            w_DV = self.lm_head[...].astype(dt)
+        logits = jnp.einsum("...d,dv->...v", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = wlc(logits, ("batch", "length", "act_vocab"))
+        return logits
+
+    def __call__(
+        self,
+        input_ids_BT,
+        attention_mask_BT=None,
+        positions_BT=None,
+        *,
+        cache=None,
+        cache_index=None,
+        right_padded=False,
+    ) -> Any:
+        """Logits [B, T, V] (fp32); with a cache, `(logits, new_cache)`."""
+        hidden, new_cache = self.forward(
+            input_ids_BT,
+            attention_mask_BT,
+            positions_BT,
+            cache=cache,
+            cache_index=cache_index,
+            right_padded=right_padded,
+        )
+        logits = self.unembed(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """Zeroed K/V cache: per layer `{"k","v"}` of shape [B, S, n_kv_heads, head_dim]."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.n_layers)
+        ]
