@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import gin
+
 from rlhf_jax import gin_utils
 
 log = logging.getLogger("rlhf_jax")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import gin
 import jax
 import numpy as np
 from flax import nnx
 
-import gin
 from rlhf_jax import partitioning
 from rlhf_jax.models import ModelConfig, Transformer, model_config
 

@@ -14,13 +14,12 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-import gin
 
 log = logging.getLogger(__name__)
 

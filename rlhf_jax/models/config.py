@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax.numpy as jnp
-
 import gin
+import jax.numpy as jnp
 
 DTYPES = {
     "float32": jnp.float32,

@@ -1,0 +1,127 @@
+"""Model tests: parameter counts, padding invariance, KV cache, remat, dtypes, scalar heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.models import PRESETS, ScalarModel, Transformer, model_config
+
+SMALL = ["tiny", "llama-tiny"]
+
+
+def _model(preset, **kw):
+    return Transformer(model_config(preset, **kw), rngs=nnx.Rngs(0))
+
+
+def _ids(b=3, t=12, seed=0, vocab=2048):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, vocab, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_param_count_matches_config(preset):
+    cfg = model_config(preset)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == cfg.num_params()
+    if preset == "gpt2":  # the published GPT-2 small size
+        assert n == 124_439_808
+
+
+@pytest.mark.parametrize("preset", SMALL)
+def test_left_padding_gives_same_logits(preset):
+    m = _model(preset)
+    ids = _ids()
+    ref = m(ids)
+    pad = 5
+    ids_p = jnp.concatenate([jnp.zeros((3, pad), jnp.int32), ids], axis=1)
+    mask_p = jnp.concatenate([jnp.zeros((3, pad), jnp.int32), jnp.ones_like(ids)], axis=1)
+    out = m(ids_p, mask_p)[:, pad:]
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", SMALL)
+def test_right_padding_does_not_change_real_positions(preset):
+    m = _model(preset)
+    ids = _ids()
+    ref = m(ids)
+    ids_p = jnp.concatenate([ids, jnp.zeros((3, 4), jnp.int32)], axis=1)
+    mask_p = jnp.concatenate([jnp.ones_like(ids), jnp.zeros((3, 4), jnp.int32)], axis=1)
+    out = m(ids_p, mask_p, right_padded=True)[:, :12]
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert np.isfinite(np.asarray(m(ids_p, mask_p))).all()
+
+
+@pytest.mark.parametrize("preset", SMALL)
+def test_kv_cache_prefill_then_decode_equals_full_forward(preset):
+    m = _model(preset)
+    b, t, prefill, slots = 3, 12, 7, 20
+    ids = _ids(b, t)
+    ref = m(ids)
+    cache = m.init_cache(b, slots, jnp.float32)
+    slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1)
+    pos = jnp.broadcast_to(jnp.arange(prefill), (b, prefill))
+    logits, cache = m(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
+    outs = [logits]
+    for i in range(prefill, t):
+        slot_mask = slot_mask.at[:, i].set(1)
+        logits, cache = m(
+            ids[:, i : i + 1], slot_mask, jnp.full((b, 1), i), cache=cache, cache_index=i
+        )
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_same_logits_and_grads():
+    ids = _ids()
+    grads = []
+    for remat in (False, True):
+        m = _model("tiny", remat=remat)
+        graphdef, params = nnx.split(m, nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            return nnx.merge(graphdef, p)(ids).mean()
+
+        grads.append(jax.jit(jax.grad(loss))(params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_compute_fp32_params():
+    m32, m16 = _model("tiny"), _model("tiny", compute_dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+    ids = _ids()
+    out16 = m16(ids)
+    assert out16.dtype == jnp.float32  # logits are always fp32
+    hidden, _ = m16.forward(ids)
+    assert hidden.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out16, m32(ids), atol=0.05)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        model_config("tiny", n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_config("nope")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        model_config("tiny", d_modle=3)
+
+
+def test_scalar_head_reads_last_real_token():
+    cfg = model_config("tiny")
+    rm = ScalarModel(cfg, rngs=nnx.Rngs(1), num_heads=2)
+    ids = _ids(2, 10)
+    mask = jnp.ones_like(ids).at[0, 6:].set(0)
+    s = rm(ids, mask)
+    assert s.shape == (2, 2)
+    # Changing tokens under padding does not change the score; changing the last real one does.
+    s2 = rm(ids.at[0, 8].set(5), mask)
+    np.testing.assert_allclose(s, s2, atol=1e-6)
+    s3 = rm(ids.at[0, 5].set(5), mask)
+    assert not np.allclose(s3[0], s[0])
+    # Left padding: same score as unpadded.
+    ids_l = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids[1:]], axis=1)
+    mask_l = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 10), jnp.int32)], 1)
+    np.testing.assert_allclose(rm(ids_l, mask_l)[0], s[1], atol=1e-5)
+    assert rm(ids, mask, per_token=True).shape == (2, 10, 2)

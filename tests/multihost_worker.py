@@ -1,0 +1,68 @@
+"""Worker for tests/test_multihost.py: one JAX process of a 2-process CPU job.
+
+Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_FILE
+Each process has 2 fake CPU devices, reads only its own rows of a fixed global batch and
+writes the sharded loss it computes.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlhf_jax import partitioning as P  # noqa: E402
+from rlhf_jax.info import create_params  # noqa: E402
+from rlhf_jax.models import model_config  # noqa: E402
+
+
+def global_batch(vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(123)
+    ids = rng.integers(3, vocab, (8, 16)).astype(np.int32)
+    mask = np.ones((8, 16), np.int32)
+    mask[::3, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sharded_loss(mesh, rows: slice) -> float:
+    cfg = model_config("tiny")
+    rules = P.logical_rules()
+    graphdef, params, _ = create_params(cfg, mesh, rules, seed=0)
+    local = {k: v[rows] for k, v in global_batch(cfg.vocab_size).items()}
+    batch = P.make_global_batch(local, mesh)
+
+    def loss_fn(p, b):
+        logits = nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"])
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        tgt = jnp.take_along_axis(logp, b["input_ids"][:, 1:, None], axis=-1)[..., 0]
+        m = b["attention_mask"][:, 1:]
+        return -(tgt * m).sum() / m.sum()
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        loss = jax.jit(
+            loss_fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )(params, batch)
+    return float(np.asarray(jax.device_get(loss.addressable_data(0))))
+
+
+def main() -> None:
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if nproc > 1:
+        P.initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
+    mesh = P.make_mesh((2, -1, 1))  # data across processes, fsdp within
+    per = 8 // jax.process_count()
+    loss = sharded_loss(mesh, slice(pid * per, (pid + 1) * per))
+    with open(out, "w") as f:
+        json.dump(
+            {"loss": loss, "process_count": jax.process_count(), "devices": jax.device_count()}, f
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Two JAX processes on localhost (gloo collectives, fake CPU devices) compute the same sharded
+loss as one process, each reading only its own slice of the batch."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_loss_equals_single_process(tmp_path):
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(i), "2", str(port), str(tmp_path / f"p{i}.json")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    single = subprocess.run(
+        [sys.executable, str(WORKER), "0", "1", "0", str(tmp_path / "single.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stdout + single.stderr
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    r = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    s = json.loads((tmp_path / "single.json").read_text())
+    assert r[0]["process_count"] == 2 and r[0]["devices"] == 4
+    assert s["process_count"] == 1 and s["devices"] == 2
+    assert abs(r[0]["loss"] - r[1]["loss"]) < 1e-6
+    assert abs(r[0]["loss"] - s["loss"]) < 1e-5, (r, s)
