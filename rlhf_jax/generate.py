@@ -41,11 +41,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Cache, Transformer, default_positions
+from rlhf_jax.models.transformer import (
+    CACHE_AXES,
+    CACHE_LENGTH_AXIS,
+    Cache,
+    Transformer,
+    default_positions,
+)
 from rlhf_jax.partitioning import batch_sharding, check_batch_divisible
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
-CACHE_AXES = ("batch", "length", "act_kv_heads", None)
 NEG_INF = -jnp.inf
 
 
@@ -275,10 +280,11 @@ def _constrain_cache(cache: Cache) -> Cache:
 
 def _grow_cache(cache: Cache, size: int) -> Cache:
     """Pads every K/V buffer with empty slots at the end, up to `size` slots."""
-    extra = size - cache[0]["k"].shape[1]
+    extra = size - cache[0]["k"].shape[CACHE_LENGTH_AXIS]
     if extra == 0:
         return cache
-    widths = ((0, 0), (0, extra), (0, 0), (0, 0))
+    widths = [(0, 0)] * cache[0]["k"].ndim
+    widths[CACHE_LENGTH_AXIS] = (0, extra)
     return _constrain_cache([{n: jnp.pad(x, widths) for n, x in layer.items()} for layer in cache])
 
 

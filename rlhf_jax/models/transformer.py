@@ -23,6 +23,9 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
 Cache = list[dict[str, jax.Array]]
+# Logical axes of each cache buffer and the index of its slot (length) axis.
+CACHE_AXES = ("batch", "act_kv_heads", "length", None)
+CACHE_LENGTH_AXIS = 2
 
 
 def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, value=None) -> nnx.Param:
@@ -68,6 +71,31 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
+def _allowed(q_slot_T: jax.Array, num_slots: int, mask_BS: jax.Array) -> jax.Array:
+    """[B, T, S] attention pattern: causal by slot, real keys only.
+
+    A padding query attends to itself only, so its (ignored) output stays finite.
+    """
+    k_slot = jnp.arange(num_slots)
+    causal = k_slot[None, :] <= q_slot_T[:, None]
+    allowed = causal[None] & mask_BS[:, None, :].astype(bool)
+    return allowed | (k_slot[None, :] == q_slot_T[:, None])[None]
+
+
+def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BS, q_slot_T) -> jax.Array:
+    """Grouped-query attention of T queries over the cache (layout [B, K, S, H]); [B, T, N, H]."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH, preferred_element_type=jnp.float32)
+    scores = scores * (H**-0.5)
+    allowed = _allowed(q_slot_T, k_BKSH.shape[2], mask_BS)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNH.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
+    return out.reshape(B, T, N, H)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
 
@@ -84,6 +112,16 @@ class Attention(nnx.Module):
             self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
             self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+
+    def _use_cudnn(self, right_padded: bool, dt) -> bool:
+        """cuDNN flash attention: full causal forward, right padding only, half precision."""
+        impl = self.cfg.attention_impl
+        return (
+            right_padded
+            and impl in ("auto", "cudnn")
+            and (impl == "cudnn" or jax.default_backend() == "gpu")
+            and dt in (jnp.bfloat16, jnp.float16)
+        )
 
     def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
         cfg, dt = self.cfg, x_BTD.dtype
@@ -103,34 +141,24 @@ class Attention(nnx.Module):
         v = wlc(v, ("batch", "length", "act_kv_heads", None))
         T = x_BTD.shape[1]
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
+            # Cache layout [B, K, S, H]: batch and kv-head lead, as the batched matmuls of
+            # decode attention want them, so no per-step transpose of the whole cache.
+            kc = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.swapaxes(1, 2).astype(cache["k"].dtype), cache_index, axis=2
             )
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
+            vc = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), cache_index, axis=2
             )
-            cache = {"k": k, "v": v}
-            k, v = k.astype(dt), v.astype(dt)
+            cache = {"k": kc, "v": vc}
             q_slot = cache_index + jnp.arange(T)
-        else:
-            q_slot = jnp.arange(T)
-        use_cudnn = (
-            cache is None
-            and right_padded
-            and cfg.attention_impl in ("auto", "cudnn")
-            and (cfg.attention_impl == "cudnn" or jax.default_backend() == "gpu")
-            and dt in (jnp.bfloat16, jnp.float16)
-        )
-        if use_cudnn:
+            out = _cached_attention(q, kc.astype(dt), vc.astype(dt), mask_BS, q_slot)
+        elif self._use_cudnn(right_padded, dt):
             lengths = mask_BS.astype(jnp.int32).sum(-1)
             out = jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn"
             )
         else:
-            k_slot = jnp.arange(k.shape[1])
-            allowed = (k_slot[None, :] <= q_slot[:, None])[None] & mask_BS[:, None, :].astype(bool)
-            # A padding query attends to itself only, so its (ignored) output stays finite.
-            allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]
+            allowed = _allowed(jnp.arange(T), k.shape[1], mask_BS)
             out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
         out = wlc(out, ("batch", "length", "act_heads", None))
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
@@ -304,9 +332,9 @@ class Transformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        """Zeroed K/V cache: per layer `{"k","v"}` of shape [B, S, n_kv_heads, head_dim]."""
+        """Zeroed K/V cache: per layer `{"k","v"}` of shape [B, n_kv_heads, S, head_dim]."""
         cfg = self.cfg
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
