@@ -41,8 +41,9 @@ multi-host (or set RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES / RLHF_JAX_PROC
 """
 
 
-class CLIError(Exception):
-    """A user error reported with exit code 2."""
+# A user error reported with exit code 2 (defined in gin_utils so that `python -m
+# rlhf_jax.cli`, where this module is __main__, still catches the one class everyone raises).
+CLIError = gin_utils.GinConfigError
 
 
 def _quote_if_needed(binding: str) -> str:
@@ -129,6 +130,13 @@ def train_entry(stage: Callable[[], object] = gin.REQUIRED):
     return stage()
 
 
+def _strip_gin_context(msg: str) -> str:
+    """Drops the `In call to configurable ...` lines gin appends to exceptions."""
+    return "\n".join(
+        line for line in msg.splitlines() if not line.strip().startswith("In call to configurable")
+    )
+
+
 def _is_gin_call_error(e: BaseException) -> bool:
     msg = str(e)
     return "Required bindings for" in msg or "No values supplied by Gin" in msg
@@ -137,10 +145,18 @@ def _is_gin_call_error(e: BaseException) -> bool:
 def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     from rlhf_jax import partitioning
 
+    gin.clear_config()  # in-process calls (tests, quickstart) start from a clean registry
     partitioning.initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
-    gin_utils.parse(args.gin_file, bindings)
+    # generate / make-preferences start from their base file (which declares CHECKPOINT etc.),
+    # so they work with bindings alone.
+    base = {
+        "generate": "gin/base/generate.gin",
+        "make-preferences": "gin/base/make_preferences.gin",
+    }.get(args.command)
+    gin_files = ([base] if base and base not in args.gin_file else []) + list(args.gin_file)
+    gin_utils.parse(gin_files, bindings)
     run_dir = gin_utils.macro_value("RUN_DIR")
     if run_dir and args.command in ("train", "generate", "make-preferences"):
         gin_utils.write_config(run_dir)
@@ -170,13 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("jax").setLevel(logging.WARNING)
+    # orbax logs through absl at WARNING for routine read-only restores.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return run_command(args, bindings)
     except gin_utils.GinConfigError as e:
-        print(f"rlhf-jax: configuration error: {e}", file=sys.stderr)
-        return 2
-    except CLIError as e:
-        print(f"rlhf-jax: error: {e}", file=sys.stderr)
+        print(f"rlhf-jax: error: {_strip_gin_context(str(e))}", file=sys.stderr)
         return 2
     except (RuntimeError, TypeError, ValueError) as e:
         if _is_gin_call_error(e):

@@ -58,6 +58,9 @@ def import_configurables() -> None:
     for mod in (
         "rlhf_jax.models.config",
         "rlhf_jax.partitioning",
+        "rlhf_jax.data",
+        "rlhf_jax.data.tasks.judges",
+        "rlhf_jax.data.tasks.reviews",
         "rlhf_jax.registry",
     ):
         importlib.import_module(mod)

@@ -6,6 +6,15 @@ the one list of them, so that every gin file parses whichever command runs.
 
 from __future__ import annotations
 
-from rlhf_jax import cli, partitioning  # noqa: F401
+from rlhf_jax import cli, commands, partitioning  # noqa: F401
+from rlhf_jax.commands import generate_command, make_preferences_command  # noqa: F401
 from rlhf_jax.info import info  # noqa: F401
+from rlhf_jax.quickstart import quickstart  # noqa: F401
 from rlhf_jax.models import config  # noqa: F401
+from rlhf_jax.train import (  # noqa: F401
+    dpo,  # noqa: F401
+    loop,
+    optim,
+    reward,
+    sft,
+)
