@@ -218,10 +218,10 @@ def bench_transformers(size: str, args) -> dict:
 def probe_attention(size: str, args, iters: int = 20) -> dict:
     """Times one decode step's attention over all layers for two K/V cache layouts.
 
-    "model": the cache as the model keeps it, [B, S, K, H], through the same
-    `jax.nn.dot_product_attention(implementation="xla")` call with a boolean mask. "kv_major":
-    [B, K, S, H] with two einsums (fp32 scores, bf16 values), the layout proposed for the
-    decode path. Both read the same bytes; a gap shows what the layout costs.
+    "model": the first cache layout, [B, S, K, H], through
+    `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask. "kv_major":
+    [B, K, S, H] with two einsums (fp32 scores, bf16 values), the layout the model now uses for
+    decode. Both read the same bytes; a gap shows what the layout costs.
     """
     import jax.numpy as jnp
 
