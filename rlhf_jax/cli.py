@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import gin
 
@@ -124,12 +124,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, bindings
 
 
-@gin.configurable("train")
-def train_entry(stage: Callable[[], object] = gin.REQUIRED):
-    """Runs the configured stage (`train.stage = @sft_stage` and so on)."""
-    return stage()
-
-
 def _strip_gin_context(msg: str) -> str:
     """Drops the `In call to configurable ...` lines gin appends to exceptions."""
     return "\n".join(
@@ -163,7 +157,7 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     from rlhf_jax import registry
 
     if args.command == "train":
-        train_entry()
+        registry.train_entry()
     elif args.command == "info":
         registry.info()
     elif args.command == "generate":
@@ -202,6 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
+
+
+def train_entry():
+    """Runs the configured stage (see `registry.train_entry`); kept for in-process callers."""
+    from rlhf_jax import registry
+
+    return registry.train_entry()
 
 
 if __name__ == "__main__":

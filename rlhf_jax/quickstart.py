@@ -47,7 +47,7 @@ def run_stage(
     command: str = "train",
 ) -> float:
     """Runs one CLI stage in-process (fresh gin config); skips it if already finished."""
-    from rlhf_jax import cli, registry
+    from rlhf_jax import registry
 
     done = (
         (run_dir / "summary.json").exists()
@@ -63,7 +63,7 @@ def run_stage(
     gin_utils.parse(list(gin_files), list(bindings))
     if command == "train":
         gin_utils.write_config(run_dir)
-        cli.train_entry()
+        registry.train_entry()
     else:
         registry.make_preferences_command()
     gin.clear_config()
