@@ -1,0 +1,149 @@
+"""Train-state pytrees shared by every stage, and their sharded creation.
+
+`TrainState` holds what a pure step reads and writes: the step counter, the trainable
+parameters (`nnx.State` from `nnx.split`), the optimiser state, a record of non-finite steps,
+and room for algorithm extras (frozen `ref_params`, an `extra` dict for controller state such as
+an adaptive KL coefficient). The model graphdef, the optax transformation and the learning-rate
+schedule are static fields: they live in the treedef, so `jit` sees them as compile-time
+constants and never traces them. Inside a loss, rebuild the model with
+`nnx.merge(state.graphdef, params)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from rlhf_jax import partitioning
+
+
+@struct.dataclass
+class NonFiniteStats:
+    """Which steps had a non-finite loss or gradient (their update was not applied).
+
+    Kept in the state so the host can check it only now and then (no per-step sync) and still
+    name the exact step, and so the count survives a resume.
+    """
+
+    skipped: jax.Array  # int32: number of steps whose update was skipped
+    last_step: jax.Array  # int32: the latest such step (-1: none)
+    last_kind: jax.Array  # int32 bitmask of the latest: 1 = loss, 2 = gradients
+
+    @classmethod
+    def zeros(cls) -> NonFiniteStats:
+        return cls(
+            skipped=jnp.zeros((), jnp.int32),
+            last_step=jnp.full((), -1, jnp.int32),
+            last_kind=jnp.zeros((), jnp.int32),
+        )
+
+    def record(self, step: jax.Array, loss_ok: jax.Array, grads_ok: jax.Array) -> NonFiniteStats:
+        """The stats after `step`, given whether its loss and gradients were finite."""
+        bad = ~(loss_ok & grads_ok)
+        kind = jnp.where(loss_ok, 0, 1) + jnp.where(grads_ok, 0, 2)
+        return NonFiniteStats(
+            skipped=self.skipped + bad.astype(jnp.int32),
+            last_step=jnp.where(bad, step.astype(jnp.int32), self.last_step),
+            last_kind=jnp.where(bad, kind, self.last_kind).astype(jnp.int32),
+        )
+
+
+def describe_nonfinite_kind(kind: int) -> str:
+    """Human words for a `NonFiniteStats.last_kind` bitmask."""
+    parts = [name for bit, name in ((1, "loss"), (2, "gradients")) if kind & bit]
+    return " and ".join(parts) or "nothing"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step updates. Pytree fields are arrays; the last three are static."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    nonfinite: NonFiniteStats
+    ref_params: nnx.State | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
+    lr_schedule: optax.Schedule = struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        optimizer: Any,
+        ref_params: nnx.State | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> TrainState:
+        """A fresh state at step 0; `optimizer` is a `train.optim.Optimizer` (tx + schedule)."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.tx.init(params),
+            nonfinite=NonFiniteStats.zeros(),
+            ref_params=ref_params,
+            extra=dict(extra or {}),
+            graphdef=graphdef,
+            tx=optimizer.tx,
+            lr_schedule=optimizer.schedule,
+        )
+
+    def model(self, params: nnx.State | None = None) -> nnx.Module:
+        """The NNX module for `params` (default: the trainable ones), for use inside a loss."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """`ShapeDtypeStruct`s that carry their target sharding (an orbax restore target)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateFactory:
+    """A state's abstract shape with target shardings, and how to materialise it fresh.
+
+    The loop restores a checkpoint into `abstract` when one exists and calls `init()` otherwise,
+    so a resumed run never pays for (or needs memory for) a throw-away initialisation.
+    """
+
+    abstract: Any
+    init: Callable[[], Any]
+
+    @property
+    def shardings(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.abstract)
+
+
+def state_factory(
+    create: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh, rules
+) -> StateFactory:
+    """Abstract state (via `jax.eval_shape`) plus a sharded initialiser for `create(key)`.
+
+    Args:
+      create: builds the whole state (parameters and optimiser state) from a key; parameters
+        must carry logical axis names so their shardings follow the rules table.
+      key: the init key.
+      mesh: the device mesh.
+      rules: logical-axis rules.
+    """
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        abstract = jax.eval_shape(create, key)
+        shardings = partitioning.state_shardings(abstract, mesh, rules)
+
+    def init() -> Any:
+        value, _ = partitioning.sharded_init(create, key, mesh, rules)
+        return value
+
+    return StateFactory(abstract=abstract_with_shardings(abstract, shardings), init=init)

@@ -1,0 +1,131 @@
+"""Building blocks that every stage's wiring shares (SFT now; reward model and DPO next).
+
+A stage function (gin-configurable, bound as `train.stage = @..._stage`) typically:
+
+1. takes the run-directory lock (`faults.RunLock`);
+2. builds the mesh and rules (`partitioning.make_mesh()`, `logical_rules()`), its data, and its
+   `ModelConfig` (checked against the tokenizer and sequence length here);
+3. builds the optimiser (`build_optimizer`) and a `StateFactory` (`model_state_factory`), then
+   records the model in RUN_DIR/model.json (`checkpoint.write_model_info`);
+4. binds its static step config with `functools.partial` and calls `loop.train_loop` with a
+   `LoopSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gin
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
+from rlhf_jax.train.checkpoint import MODEL_CLASSES, load_params
+from rlhf_jax.train.optim import Optimizer, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def fit_vocab(cfg: ModelConfig, vocab_size: int, match: bool = True) -> ModelConfig:
+    """The model config with `vocab_size` set to the tokenizer's (`match`), or checked to fit.
+
+    Raises:
+      ValueError: the tokenizer has more ids than the model's vocabulary (when not matching).
+    """
+    if match:
+        if cfg.vocab_size != vocab_size:
+            log.info("model vocab_size %d -> %d (the tokenizer's)", cfg.vocab_size, vocab_size)
+        return dataclasses.replace(cfg, vocab_size=vocab_size)
+    if vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} ids but the model's vocab_size is {cfg.vocab_size}: "
+            "set model_config.vocab_size >= the tokenizer's, or let the stage match it"
+        )
+    return cfg
+
+
+def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
+    """Learned position tables cap the sequence length; fail before compiling, not inside."""
+    if cfg.pos_emb == "learned" and seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"batches are {seq_len} tokens long but the model's max_seq_len is "
+            f"{cfg.max_seq_len}: lower the data's max_len or raise model_config.max_seq_len"
+        )
+
+
+def _is_bound(selector: str) -> bool:
+    try:
+        gin.query_parameter(selector)
+    except ValueError:
+        return False
+    return True
+
+
+def build_optimizer(train_steps: int, builder: Callable[..., Optimizer] = make_optimizer):
+    """The gin-configured optimiser; its schedule spans the run unless gin sets total_steps."""
+    if _is_bound("make_optimizer.total_steps"):
+        return builder()
+    return builder(total_steps=train_steps)
+
+
+def model_state_factory(
+    cfg: ModelConfig,
+    optimizer: Optimizer,
+    mesh: Mesh,
+    rules,
+    *,
+    seed: int = 0,
+    model_class: str = "Transformer",
+    model_kwargs: dict[str, Any] | None = None,
+    init_from: str | None = None,
+    with_ref: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> tuple[StateFactory, nnx.GraphDef]:
+    """Abstract + sharded-init `TrainState` for a model, optionally initialised from a run.
+
+    Args:
+      cfg: the model config.
+      optimizer: from `build_optimizer`.
+      mesh, rules: placement.
+      seed: init seed (`jax.random.key(seed)`).
+      model_class: "Transformer" or "ScalarModel".
+      model_kwargs: extra constructor arguments (e.g. `num_heads` of a ScalarModel).
+      init_from: a run or checkpoint directory whose params initialise the model (only used
+        when the run starts fresh; a resumed run restores its own checkpoint).
+      with_ref: also keep a frozen copy of the initial params in `ref_params` (DPO, PPO).
+      extra: initial `TrainState.extra` (controller state arrays).
+
+    Returns:
+      `(factory, graphdef)`.
+    """
+    cls, kwargs = MODEL_CLASSES[model_class], dict(model_kwargs or {})
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs)))
+
+    def from_params(params: nnx.State) -> TrainState:
+        return TrainState.create(
+            graphdef=graphdef,
+            params=params,
+            optimizer=optimizer,
+            ref_params=params if with_ref else None,
+            extra=extra,
+        )
+
+    def create(key: jax.Array) -> TrainState:
+        return from_params(nnx.state(cls(cfg, rngs=nnx.Rngs(key), **kwargs), nnx.Param))
+
+    factory = state_factory(create, jax.random.key(seed), mesh, rules)
+    if init_from is None:
+        return factory, graphdef
+
+    def init_from_checkpoint() -> TrainState:
+        loaded = load_params(init_from, mesh=mesh, rules=rules)
+        log.info("initialising from %s (step %d)", loaded.run_dir, loaded.step)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            return jax.jit(from_params, out_shardings=factory.shardings)(loaded.params)
+
+    return dataclasses.replace(factory, init=init_from_checkpoint), graphdef
