@@ -151,9 +151,6 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     }.get(args.command)
     gin_files = ([base] if base and base not in args.gin_file else []) + list(args.gin_file)
     gin_utils.parse(gin_files, bindings)
-    run_dir = gin_utils.macro_value("RUN_DIR")
-    if run_dir and args.command in ("train", "generate", "make-preferences"):
-        gin_utils.write_config(run_dir)
     from rlhf_jax import registry
 
     if args.command == "train":

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from flax.nnx import spmd as nnx_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -120,17 +121,24 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
 def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings for an abstract pytree whose `nnx.Variable`s carry `out_sharding` names.
 
-    Dimensions that the assigned mesh axes do not divide are replicated instead.
+    Dimensions that the assigned mesh axes do not divide are replicated instead; plain arrays
+    (optimizer counts, ...) are replicated; Variables that hold no array (optax's `MaskedNode`
+    for frozen parameters) are left as they are.
     """
-    with nnx.logical_axis_rules(rules):
-        shardings = nnx.get_named_sharding(abstract_state, mesh)
 
-    def fit(x, s):
-        if not hasattr(x, "shape") or not isinstance(s, NamedSharding):
-            return s
-        return NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh))
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            if not hasattr(value, "shape"):
+                return x
+            with nnx.logical_axis_rules(rules):
+                spec = nnx_spmd.get_var_pspec(x)
+            return x.replace(NamedSharding(mesh, fit_spec(spec, value.shape, mesh)))
+        if hasattr(x, "shape"):
+            return NamedSharding(mesh, PartitionSpec())
+        return x
 
-    return jax.tree.map(fit, abstract_state, shardings)
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def sharded_init(

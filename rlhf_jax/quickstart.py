@@ -62,7 +62,6 @@ def run_stage(
     gin.clear_config()
     gin_utils.parse(list(gin_files), list(bindings))
     if command == "train":
-        gin_utils.write_config(run_dir)
         registry.train_entry()
     else:
         registry.make_preferences_command()

@@ -107,3 +107,19 @@ def test_activation_constraint_is_active_on_cpu():
         y = jax.jit(f)(x)
     assert "sharding_constraint" in text or "@Sharding" in text
     assert y.sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor")
+
+
+def test_train_state_with_frozen_parameters_is_placed():
+    """A trainable mask leaves optax MaskedNodes in the optimiser state; placement skips them."""
+    from rlhf_jax.train.optim import make_optimizer
+    from rlhf_jax.train.stages import model_state_factory
+
+    opt = make_optimizer(trainable=[r"^blocks/1/"], total_steps=10)
+    mesh = P.make_mesh((2, 2, 2))
+    factory, _ = model_state_factory(model_config("tiny"), opt, mesh, P.logical_rules())
+    state = factory.init()
+    assert state.params["embed"][...].sharding.spec == PartitionSpec("tensor", "fsdp")
+    n_opt = len(jax.tree.leaves(state.opt_state))
+    n_params = len(jax.tree.leaves(state.params))
+    # Adam moments only for the trainable block (plus counters), not for every parameter.
+    assert n_opt < 2 * n_params

@@ -421,6 +421,10 @@ def train_loop(
     `checkpoint.CheckpointRestoreError` when checkpoints exist but none restores.
     """
     run_dir = Path(run_dir)
+    if jax.process_index() == 0:
+        # Written here, under the caller's run-directory lock, so a refused second process
+        # never overwrites the config of the run that holds the directory.
+        gin_utils.write_config(run_dir)
     if logging.getLogger("absl").level == logging.NOTSET:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

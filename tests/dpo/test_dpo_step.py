@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_dpo_step, jit_step, make_pair_batch, mesh, tiny_state
+from dpo_helpers import cached_dpo_step, jit_step, make_pair_batch, mesh, tiny_state
 
 from rlhf_jax import partitioning
 from rlhf_jax.data.examples import TokenizedDataset

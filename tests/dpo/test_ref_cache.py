@@ -1,5 +1,5 @@
 """The reference-log-prob cache: what its key depends on, atomic reuse, and iterators that carry
-the cached values in every (shuffled) batch."""
+the cached values in every (shuffled) batch, and a reference without a checkpoint."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dpo_helpers import mesh, tiny_state
 
+from rlhf_jax import partitioning
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
+from rlhf_jax.models import model_config
 from rlhf_jax.train import ref_cache
+from rlhf_jax.train.dpo import precompute_reference
 from rlhf_jax.train.ref_cache import (
     ReferenceCache,
     cache_key,
@@ -127,12 +131,6 @@ def test_iterator_carries_reference_fields():
 
 
 def test_precompute_reference_without_checkpoint(tmp_path):
-    from conftest import mesh, tiny_state
-
-    from rlhf_jax import partitioning
-    from rlhf_jax.models import model_config
-    from rlhf_jax.train.dpo import precompute_reference
-
     state, graphdef = tiny_state("1")
     ex = _examples(6)
     splits = {
