@@ -285,8 +285,9 @@ def test_compiles_once_per_shape_and_config(tiny):
 
 
 def test_sharded_2x2x2_equals_one_device(setup):
-    eight = _setup(setup.preset, (2, 2, 2))
-    out1, out8 = setup.sample(GREEDY), eight.sample(GREEDY)
+    # Fresh setups: other tests craft parameters from the cached ones.
+    one, eight = Setup(setup.preset), Setup(setup.preset, (2, 2, 2))
+    out1, out8 = one.sample(GREEDY), eight.sample(GREEDY)
     np.testing.assert_array_equal(out1.tokens, out8.tokens)
     np.testing.assert_allclose(out1.model_logprobs, out8.model_logprobs, atol=1e-5)
     assert out8.tokens.sharding.spec == P.batch_sharding(eight.mesh, 2).spec
@@ -294,6 +295,6 @@ def test_sharded_2x2x2_equals_one_device(setup):
     if setup.preset != "llama-tiny":  # one model is enough for the sampled check
         return
     # Sampling draws the same tokens too (threefry is partitionable).
-    out1, out8 = setup.sample(*SAMPLED, rng=3), eight.sample(*SAMPLED, rng=3)
+    out1, out8 = one.sample(*SAMPLED, rng=3), eight.sample(*SAMPLED, rng=3)
     np.testing.assert_array_equal(out1.tokens, out8.tokens)
     np.testing.assert_allclose(out1.logprobs, out8.logprobs, atol=1e-5)
