@@ -59,8 +59,34 @@ def peak_bandwidth(device_kind: str) -> float | None:
     return None
 
 
-def bench_config(size: str, dtype: str) -> ModelConfig:
-    return model_config(size, param_dtype=dtype, compute_dtype=dtype)
+# Variants that change kernels but not numbers (tests/models, tests/test_generate.py): a name
+# maps to ModelConfig overrides, or (the "rng:" entries) to the PRNG implementation of the keys.
+VARIANTS = {
+    "base": {},
+    "fused_qkv": {"fused_qkv": True},
+    "reduce": {"decode_attention": "reduce"},
+    "rbg": {"rng:": "unsafe_rbg"},
+}
+
+
+def variant_overrides(name: str) -> dict:
+    """ModelConfig overrides of a variant name such as "fused_qkv+reduce"."""
+    out: dict = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"unknown variant {part!r}; choose from {sorted(VARIANTS)}")
+        out.update(VARIANTS[part])
+    return {k: v for k, v in out.items() if k != "rng:"}
+
+
+def variant_rng_impl(name: str) -> str | None:
+    """The PRNG implementation a variant asks for (None: jax's default)."""
+    impls = [VARIANTS[p]["rng:"] for p in name.split("+") if "rng:" in VARIANTS.get(p, {})]
+    return impls[-1] if impls else None
+
+
+def bench_config(size: str, dtype: str, variant: str = "base") -> ModelConfig:
+    return model_config(size, param_dtype=dtype, compute_dtype=dtype, **variant_overrides(variant))
 
 
 def bytes_per_decode_step(
@@ -94,9 +120,13 @@ def _timed(fn, repeats: int) -> tuple[list[float], object]:
     return times, out
 
 
-def bench_ours(size: str, args) -> dict:
-    """Times `Sampler` at `max_new_tokens = N` and `= 1` (prefill only)."""
-    cfg = bench_config(size, args.dtype)
+def bench_ours(size: str, args, variant: str = "base") -> dict:
+    """Times `Sampler` at `max_new_tokens = N` and `= 1` (prefill only).
+
+    With `--hlo_dir`, also writes the compiled program and the kernels each loop iteration
+    launches (`hlo_kernels.py`); with `--profile_dir`, traces one more full call.
+    """
+    cfg = bench_config(size, args.dtype, variant)
     mesh = partitioning.make_mesh((-1, 1, 1))
     rules = partitioning.logical_rules()
     graphdef, params, shardings = create_params(cfg, mesh, rules, seed=0)
@@ -106,7 +136,8 @@ def bench_ours(size: str, args) -> dict:
     mask = np.ones_like(ids)
     hp = SamplingHParams(temperature=1.0, top_p=1.0)
     eos = cfg.vocab_size - 1
-    result: dict = {"segment_len": args.segment_len}
+    result: dict = {"variant": variant, "segment_len": args.segment_len}
+    rng_impl = variant_rng_impl(variant)
     for n in (args.new_tokens, 1):
         config = SamplingConfig(
             max_new_tokens=n,
@@ -117,7 +148,7 @@ def bench_ours(size: str, args) -> dict:
         )
 
         def run(r, config=config):
-            out = sampler(params, ids, mask, jax.random.key(r), config, hp)
+            out = sampler(params, ids, mask, jax.random.key(r, impl=rng_impl), config, hp)
             return jax.block_until_ready(out)
 
         start = time.perf_counter()
@@ -130,6 +161,17 @@ def bench_ours(size: str, args) -> dict:
         if n == args.new_tokens:
             lengths = np.asarray(out.lengths)
             assert (lengths == n).all(), f"early stop: lengths {lengths}"
+            tag = f"{size}_{variant}"
+            if args.hlo_dir:
+                key0 = jax.random.key(0, impl=rng_impl)
+                result["loops"] = _write_hlo(
+                    sampler, params, ids, mask, key0, hp, config, args, tag
+                )
+            if args.profile_dir:
+                trace_dir = Path(args.profile_dir) / tag
+                with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                    run(2000)
+                result["trace_dir"] = str(trace_dir)
     result["traces"] = sampler.trace_count
     t_full = statistics.median(result["full_times_s"])
     t_prefill = statistics.median(result["prefill_times_s"])
@@ -152,6 +194,20 @@ def bench_ours(size: str, args) -> dict:
             result["roofline_share"] = useful / step / peak
             result["roofline_share_incl_prefill"] = useful * (args.new_tokens - 1) / t_full / peak
     return result
+
+
+def _write_hlo(sampler, params, ids, mask, key, hp, config, args, tag: str) -> list[dict]:
+    """Writes the compiled program's HLO; returns kernels per iteration of each while loop."""
+    from hlo_kernels import loop_kernel_counts
+
+    text = sampler.lower(params, ids, mask, key, config, hp).compile().as_text()
+    Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.hlo_dir) / f"{tag}.hlo.txt").write_text(text)
+    loops = loop_kernel_counts(text)
+    for loop in loops:
+        top = ", ".join(f"{op} {n}" for op, n in list(loop["by_op"].items())[:6])
+        print(f"  {tag} {loop['while']}: {loop['kernels']} kernels/iteration ({top})")
+    return loops
 
 
 def bench_transformers(size: str, args) -> dict:
@@ -300,6 +356,26 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(rows: list[dict]) -> str:
+    """Decode step time and roofline share of every variant timed, with kernels per step."""
+    lines = [
+        "| size | variant | decode step ms | roofline share | kernels per decode step |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        for ours in [row["ours"], *row.get("other_variants", [])]:
+            step, share = ours.get("decode_step_ms"), ours.get("roofline_share")
+            # The decode loop is the innermost loop with the most kernels (RNG loops are tiny).
+            kernels = max((loop["kernels"] for loop in ours.get("loops", [])), default=None)
+            lines.append(
+                f"| {row['size']} | {ours.get('variant', ours.get('error', '?'))} "
+                f"| {'—' if step is None else format(step, '.3f')} "
+                f"| {'—' if share is None else format(share, '.1%')} "
+                f"| {'—' if kernels is None else kernels} |"
+            )
+    return "\n".join(lines)
+
+
 def _write(path: str, env: dict, args: argparse.Namespace, rows: list[dict]) -> None:
     report = {"env": env, "args": vars(args), "rows": rows}
     Path(path).write_text(json.dumps(report, indent=1))
@@ -319,6 +395,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_probe", action="store_true", help="skip the attention-layout probe")
     p.add_argument("--out", default="bench_generate.json")
     p.add_argument("--quick", action="store_true", help="tiny model, small batch (CPU smoke)")
+    p.add_argument(
+        "--variants",
+        default="base",
+        help=f"comma list of model variants to time, parts joined by '+' ({', '.join(VARIANTS)})",
+    )
+    p.add_argument("--hlo_dir", default="", help="write each variant's compiled HLO here")
+    p.add_argument("--profile_dir", default="", help="trace one full call per variant here")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batch, args.prompt_len, args.new_tokens = "tiny", 8, 16, 16
@@ -340,9 +423,17 @@ def main(argv=None) -> list[dict]:
     for size in args.sizes.split(","):
         row = {"size": size, "batch": args.batch, "prompt_len": args.prompt_len}
         row["new_tokens"] = args.new_tokens
-        row["ours"] = _guarded(bench_ours, size, args)
-        print(size, "ours:", json.dumps(row["ours"]), flush=True)
+        variants = args.variants.split(",")
+        for v in variants:
+            variant_overrides(v)  # fail on a typo before any timing
+        row["ours"] = _guarded(bench_ours, size, args, variants[0])
+        print(size, variants[0], "ours:", json.dumps(row["ours"]), flush=True)
         _write(args.out, env, args, [*rows, row])  # keep ours even if what follows dies
+        row["other_variants"] = []
+        for v in variants[1:]:
+            row["other_variants"].append(_guarded(bench_ours, size, args, v))
+            print(size, v, "ours:", json.dumps(row["other_variants"][-1]), flush=True)
+            _write(args.out, env, args, [*rows, row])
         if not args.skip_probe:
             row["attention_probe"] = _guarded(probe_attention, size, args)
             print(size, "attention probe:", json.dumps(row["attention_probe"]), flush=True)
@@ -356,6 +447,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         _write(args.out, env, args, rows)
     print(markdown_table(rows))
+    print(variant_table(rows))
     for row in rows:
         probe = row.get("attention_probe", {})
         if "model_us" in probe:

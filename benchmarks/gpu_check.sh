@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
-# One-shot GPU session (see benchmarks/BENCHMARKS.md): sampler benchmark vs transformers,
-# SFT step throughput/MFU at GPT-2 small (cuDNN vs XLA attention), and the CPU test subset on
-# the GPU machine's jax 0.11 as a compatibility check. Writes everything under $OUT.
+# One-shot GPU session for the sampler roofline (issue 5): which decode-step variant and which
+# XLA command-buffer settings are fastest, how many kernels a decode step launches, and where
+# the kernel time goes; then the CPU test subset on the machine's jax 0.11. Everything lands in
+# $OUT; each section is skipped when the time left (BUDGET seconds in all) is too short for it.
+#
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# .whl/ holds py3.12 wheels the device lacks (gin-config, datasets, dill, multiprocess,
+# tensorboardX, vaderSentiment, alt-profanity-check); it is git-ignored via .git/info/exclude.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+BUDGET=${BUDGET:-570}
 OUT=${OUT:-/tmp/out}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" | tee -a $OUT/gpu.txt
+mkdir -p "$OUT"
+# Dry run on a CPU machine: SKIP_INSTALL=1 EXTRA=--quick BUDGET=300 bash benchmarks/gpu_check.sh
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
-echo "=== sampler benchmark"
-timeout 300 python3 benchmarks/bench_generate.py --sizes gpt2,gpt2-medium --batch 64 \
-  --prompt_len 64 --new_tokens 256 --repeats 3 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | grep -v "^W"
+# section NAME SECONDS [XLA_FLAGS] -- bench_generate.py arguments
+section() {
+  local name=$1 limit=$2 flags=$3
+  shift 4
+  local left=$((BUDGET - SECONDS))
+  if ((left < 45)); then echo "=== $name: skipped ($left s left)"; return; fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (XLA_FLAGS='$flags', at most $limit s)"
+  XLA_FLAGS="$flags" timeout "$limit" python3 benchmarks/bench_generate.py "$@" ${EXTRA:-} \
+    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"
+  grep -E "^\| |kernels/iteration|probe" "$OUT/$name.log" | grep -v "^W"
+}
 
-echo "=== SFT step throughput, GPT-2 small, bf16, seq 512, batch 16"
-for impl in auto xla; do
-  timeout 120 python3 -m rlhf_jax.cli train --gin_file gin/algorithms/sft.gin \
-    --gin_file gin/models/gpt2.gin --gin.sft_stage.data=@synthetic_sft_data \
-    --gin.synthetic_sft_data.seq_len=512 --gin.synthetic_sft_data.vocab_size=50257 \
-    --gin.model_config.attention_impl="'$impl'" --gin.TRAIN_STEPS=60 --gin.BATCH_SIZE=16 \
-    --gin.LOG_EVERY=20 --gin.RUN_DIR=/tmp/sft_$impl > $OUT/sft_$impl.log 2>&1
-  echo "impl=$impl rc=$?"; cp /tmp/sft_$impl/summary.json $OUT/sft_$impl.json 2>/dev/null
-  python3 -c "import json;d=json.load(open('$OUT/sft_$impl.json'));print({k:v for k,v in d.items() if k.startswith(('perf','train/loss','compile'))})" 2>/dev/null || tail -5 $OUT/sft_$impl.log
+V=base,fused_qkv+reduce,rbg,fused_qkv+reduce+rbg
+# 1. Default flags, GPT-2 small: the variants side by side with transformers; compiled HLO
+#    (kernels per decode step) and one profiled call per variant.
+section small 240 "" -- --sizes gpt2 --variants $V --hf_repeats 2 \
+  --hlo_dir /tmp/hlo --profile_dir /tmp/prof
+for d in /tmp/prof/*/; do
+  [ -d "$d" ] || continue
+  echo "--- trace $(basename "$d")"
+  python3 benchmarks/trace_summary.py "$d" --steps 255 --top 20 | tee "$OUT/trace_$(basename "$d").txt" | head -14
 done
+tar czf "$OUT/hlo.tgz" -C /tmp hlo 2>/dev/null
+# 2. The whole decode loop in one CUDA graph (while/conditional command buffers).
+section graphs 120 "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" -- --sizes gpt2 \
+  --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
+# 3. GPT-2 medium with its transformers baseline (the previous session's run timed out there).
+section medium 200 "" -- --sizes gpt2-medium --variants base,fused_qkv+reduce+rbg --hf_repeats 1 \
+  --skip_probe
+# 4. cuBLASLt epilogues (bias and GELU fused into the matmuls).
+section cublaslt 100 "--xla_gpu_enable_cublaslt=true" -- --sizes gpt2 \
+  --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
 
-echo "=== jax 0.11 compatibility: CPU test subset"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/models tests/test_partitioning.py \
-  tests/test_generate.py tests/ops tests/losses tests/steps 2>&1 | tail -8 | tee $OUT/pytest.log
+left=$((BUDGET - SECONDS))
+if ((left > 60)); then
+  echo "=== jax 0.11 compatibility: CPU test subset ($left s left)"
+  JAX_PLATFORMS=cpu timeout $((left - 10)) python3 -m pytest -q -x -p no:cacheprovider -n 8 \
+    tests/models tests/test_partitioning.py tests/test_generate.py tests/ops tests/losses \
+    tests/steps 2>&1 | tail -8 | tee "$OUT/pytest.log"
+fi
+echo "done in $SECONDS s"

@@ -201,14 +201,21 @@ def choose_tokens(
       (token [B] int32, log-prob under the sampling distribution [B], log-prob under the
       unmodified model [B]).
     """
-    model_lp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    # Log-probs of the chosen tokens only (x[tok] - logsumexp(x)): no [B, V] log-softmax is
+    # written out at each decode step.
+    model_logits_BV = logits_BV
+    model_lse_B = jax.nn.logsumexp(model_logits_BV, axis=-1)
+
+    def model_lp(tok_B):
+        return _take(model_logits_BV, tok_B) - model_lse_B
+
     stops = config.stop_tokens
     if config.min_new_tokens > 0 and stops:
         is_stop_V = jnp.zeros(logits_BV.shape[-1], bool).at[jnp.asarray(stops)].set(True)
         logits_BV = jnp.where(is_stop_V & (step < config.min_new_tokens), NEG_INF, logits_BV)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     if config.greedy:
-        return greedy_B, jnp.zeros(greedy_B.shape, jnp.float32), _take(model_lp_BV, greedy_B)
+        return greedy_B, jnp.zeros(greedy_B.shape, jnp.float32), model_lp(greedy_B)
     temp = _per_row(hp.temperature)
     scaled_BV = logits_BV / jnp.where(temp > 0, temp, 1.0)
     scaled_BV = top_k_filter(scaled_BV, config.top_k)
@@ -220,11 +227,11 @@ def choose_tokens(
             scaled_BV,
         )
     sampled_B = jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
-    sample_lp_B = _take(jax.nn.log_softmax(scaled_BV, axis=-1), sampled_B)
+    sample_lp_B = _take(scaled_BV, sampled_B) - jax.nn.logsumexp(scaled_BV, axis=-1)
     is_greedy_B = jnp.broadcast_to(temp <= 0, (logits_BV.shape[0], 1))[:, 0]
     tok_B = jnp.where(is_greedy_B, greedy_B, sampled_B)
     lp_B = jnp.where(is_greedy_B, 0.0, sample_lp_B)
-    return tok_B, lp_B, _take(model_lp_BV, tok_B)
+    return tok_B, lp_B, model_lp(tok_B)
 
 
 # --------------------------------------------------------------------------- decode loop
@@ -512,6 +519,16 @@ class Sampler:
             )
         return self._jitted[config]
 
+    def _inputs(self, prompt_ids_BP, prompt_mask_BP, config, hparams):
+        check_batch_divisible(prompt_ids_BP.shape[0], self.mesh)
+        hparams = hparams or SamplingHParams()
+        if not (config.use_top_p or config.greedy) and np.any(np.asarray(hparams.top_p) < 1):
+            raise ValueError("top_p < 1 needs SamplingConfig(use_top_p=True)")
+        rows = batch_sharding(self.mesh, 2)
+        ids = jax.device_put(jnp.asarray(prompt_ids_BP, jnp.int32), rows)
+        mask = jax.device_put(jnp.asarray(prompt_mask_BP, jnp.int32), rows)
+        return ids, mask, hparams.as_arrays()
+
     def __call__(
         self,
         params: Any,
@@ -522,16 +539,23 @@ class Sampler:
         hparams: SamplingHParams | None = None,
     ) -> SampleOutput:
         """Samples completions; see `generate` for the arguments."""
-        check_batch_divisible(prompt_ids_BP.shape[0], self.mesh)
-        hparams = hparams or SamplingHParams()
-        if not (config.use_top_p or config.greedy) and np.any(np.asarray(hparams.top_p) < 1):
-            raise ValueError("top_p < 1 needs SamplingConfig(use_top_p=True)")
-        hp = hparams.as_arrays()
-        rows = batch_sharding(self.mesh, 2)
-        ids = jax.device_put(jnp.asarray(prompt_ids_BP, jnp.int32), rows)
-        mask = jax.device_put(jnp.asarray(prompt_mask_BP, jnp.int32), rows)
+        ids, mask, hp = self._inputs(prompt_ids_BP, prompt_mask_BP, config, hparams)
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             return self._compile(config, params)(params, ids, mask, rng, hp)
+
+    def lower(
+        self,
+        params: Any,
+        prompt_ids_BP: Any,
+        prompt_mask_BP: Any,
+        rng: jax.Array,
+        config: SamplingConfig,
+        hparams: SamplingHParams | None = None,
+    ) -> jax.stages.Lowered:
+        """The lowered program `__call__` would run (for `.compile().as_text()` or AOT use)."""
+        ids, mask, hp = self._inputs(prompt_ids_BP, prompt_mask_BP, config, hparams)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return self._compile(config, params).lower(params, ids, mask, rng, hp)
 
 
 def sequence_batch(

@@ -12,8 +12,8 @@ from rlhf_jax.info import create_params
 from rlhf_jax.models import Transformer, model_config
 
 
-def _loss_and_grads(preset, mesh_shape):
-    cfg = model_config(preset)
+def _loss_and_grads(preset, mesh_shape, **overrides):
+    cfg = model_config(preset, **overrides)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = P.make_mesh(mesh_shape, devices)
     rules = P.logical_rules()
@@ -35,10 +35,12 @@ def _loss_and_grads(preset, mesh_shape):
     return loss, logits, grads, params
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-def test_same_logits_and_grads_on_1_device_and_2x2x2(preset):
-    l1, logits1, g1, _ = _loss_and_grads(preset, (1, 1, 1))
-    l8, logits8, g8, p8 = _loss_and_grads(preset, (2, 2, 2))
+@pytest.mark.parametrize(
+    "preset,overrides", [("tiny", {}), ("llama-tiny", {}), ("tiny", {"fused_qkv": True})]
+)
+def test_same_logits_and_grads_on_1_device_and_2x2x2(preset, overrides):
+    l1, logits1, g1, _ = _loss_and_grads(preset, (1, 1, 1), **overrides)
+    l8, logits8, g8, p8 = _loss_and_grads(preset, (2, 2, 2), **overrides)
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     np.testing.assert_allclose(logits1, logits8, atol=2e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8), strict=True):

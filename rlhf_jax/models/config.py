@@ -49,6 +49,13 @@ class ModelConfig:
     remat: bool = False
     # "auto": cuDNN flash attention on GPU for causal right-padded full forwards, XLA elsewhere.
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+    # One [d, 3, heads, head_dim] projection for Q, K and V (one matmul instead of three;
+    # multi-head attention only). Same numbers as separate projections; fewer kernels.
+    fused_qkv: bool = False
+    # How a one-token decode step attends over the cache: "einsum" (batched matmuls) or
+    # "reduce" (multiply-and-sum, which XLA emits as reduction kernels). Same numbers; which is
+    # faster is a per-device question (benchmarks/bench_generate.py --variants).
+    decode_attention: Literal["einsum", "reduce"] = "einsum"
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -57,6 +64,12 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % kv:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
+        if self.fused_qkv and kv != self.n_heads:
+            raise ValueError(
+                f"fused_qkv needs multi-head attention (n_kv_heads={kv} != n_heads={self.n_heads})"
+            )
+        if self.decode_attention not in ("einsum", "reduce"):
+            raise ValueError(f"decode_attention={self.decode_attention!r}; 'einsum' or 'reduce'")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(DTYPES)}")

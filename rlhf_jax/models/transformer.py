@@ -96,6 +96,24 @@ def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BS, q_slot_T) -> jax.Array:
     return out.reshape(B, T, N, H)
 
 
+def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1) -> jax.Array:
+    """`_cached_attention` for one query per row, as multiply-and-sum reductions.
+
+    Same numbers as the einsum form (fp32 scores, probabilities cast to the compute dtype,
+    fp32 accumulation of the values); XLA emits reduction kernels instead of batched matmuls
+    with a single row.
+    """
+    B, _, N, H = q_B1NH.shape
+    K = k_BKSH.shape[1]
+    q = q_B1NH.reshape(B, K, N // K, 1, H).astype(jnp.float32)
+    scores = (q * k_BKSH[:, :, None].astype(jnp.float32)).sum(-1) * (H**-0.5)  # B K G S
+    allowed = _allowed(q_slot_1, k_BKSH.shape[2], mask_BS)[:, 0]  # B S
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_B1NH.dtype)
+    out = (probs[..., None].astype(jnp.float32) * v_BKSH[:, :, None].astype(jnp.float32)).sum(3)
+    return out.astype(q_B1NH.dtype).reshape(B, 1, N, H)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
 
@@ -103,14 +121,20 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's residual scaling
-        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
-        self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        if cfg.fused_qkv:  # [d, (q, k, v), heads, head_dim]; multi-head attention only
+            self.wqkv = _param(rngs, (d, 3, h, hd), ("embed", None, "heads", "head_dim"), cfg)
+        else:
+            self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+            self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+            self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
         if cfg.use_bias:
-            self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, value=0.0)
-            self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
-            self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+            if cfg.fused_qkv:
+                self.bqkv = _param(rngs, (3, h, hd), (None, "heads", "head_dim"), cfg, value=0.0)
+            else:
+                self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, value=0.0)
+                self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+                self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
 
     def _use_cudnn(self, right_padded: bool, dt) -> bool:
@@ -123,17 +147,28 @@ class Attention(nnx.Module):
             and dt in (jnp.bfloat16, jnp.float16)
         )
 
-    def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
-        cfg, dt = self.cfg, x_BTD.dtype
+    def _project(self, x_BTD):
+        """Q [B, T, N, H], K and V [B, T, K, H] in the input's dtype."""
+        dt = x_BTD.dtype
+        if self.cfg.fused_qkv:
+            qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.wqkv[...].astype(dt))
+            if self.cfg.use_bias:
+                qkv = qkv + self.bqkv[...].astype(dt)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dt))
-        if cfg.use_bias:
+        if self.cfg.use_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
                 k + self.bk[...].astype(dt),
                 v + self.bv[...].astype(dt),
             )
+        return q, k, v
+
+    def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
+        cfg, dt = self.cfg, x_BTD.dtype
+        q, k, v = self._project(x_BTD)
         if cfg.pos_emb == "rope":
             q, k = rope(q, positions_BT, cfg.rope_theta), rope(k, positions_BT, cfg.rope_theta)
         q = wlc(q, ("batch", "length", "act_heads", None))
@@ -151,7 +186,8 @@ class Attention(nnx.Module):
             )
             cache = {"k": kc, "v": vc}
             q_slot = cache_index + jnp.arange(T)
-            out = _cached_attention(q, kc.astype(dt), vc.astype(dt), mask_BS, q_slot)
+            attend = _reduce_attention if T == 1 and cfg.decode_attention == "reduce" else None
+            out = (attend or _cached_attention)(q, kc.astype(dt), vc.astype(dt), mask_BS, q_slot)
         elif self._use_cudnn(right_padded, dt):
             lengths = mask_BS.astype(jnp.int32).sum(-1)
             out = jax.nn.dot_product_attention(

@@ -1,5 +1,7 @@
 """Model tests: parameter counts, padding invariance, KV cache, remat, dtypes, scalar heads."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,59 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(preset):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
 
 
+def _fused_copy(m: Transformer) -> Transformer:
+    """A `fused_qkv` model holding `m`'s weights (Q, K and V stacked on a new axis 1)."""
+    fused = Transformer(dataclasses.replace(m.cfg, fused_qkv=True), rngs=nnx.Rngs(1))
+    state = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    for blk in state["blocks"].values():
+        a = blk["attn"]
+        a["wqkv"] = jnp.stack([a.pop("wq"), a.pop("wk"), a.pop("wv")], axis=1)
+        a["bqkv"] = jnp.stack([a.pop("bq"), a.pop("bk"), a.pop("bv")], axis=0)
+    target = nnx.state(fused, nnx.Param)
+    nnx.replace_by_pure_dict(target, state)
+    nnx.update(fused, target)
+    return fused
+
+
+@pytest.mark.parametrize("variant", ["fused_qkv", "reduce"])
+def test_decode_variants_give_the_same_logits(variant):
+    """fused_qkv (one projection) and decode_attention="reduce" change kernels, not numbers."""
+    m = _model("tiny")
+    if variant == "fused_qkv":
+        other = _fused_copy(m)
+        assert "wqkv" in nnx.state(other, nnx.Param)["blocks"][0]["attn"]
+    else:
+        other = nnx.merge(*nnx.split(m))
+        other.cfg = dataclasses.replace(m.cfg, decode_attention="reduce")
+        for blk in other.blocks:
+            blk.attn.cfg = other.cfg
+    b, t, prefill, slots = 3, 12, 5, 16
+    ids = _ids(b, t)
+    if variant == "fused_qkv":
+        np.testing.assert_allclose(other(ids), m(ids), atol=1e-5, rtol=1e-5)
+    outs = []
+    for model in (m, other):
+        cache = model.init_cache(b, slots, jnp.float32)
+        # Left padding in row 0: its first two slots stay masked.
+        slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1).at[0, :2].set(0)
+        pos = jnp.maximum(jnp.cumsum(slot_mask[:, :prefill], axis=1) - 1, 0)
+        logits, cache = model(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
+        steps = [logits[:, -1]]
+        for i in range(prefill, t):
+            slot_mask = slot_mask.at[:, i].set(1)
+            logits, cache = model(
+                ids[:, i : i + 1],
+                slot_mask,
+                pos[:, -1:] + i - prefill + 1,
+                cache=cache,
+                cache_index=i,
+            )
+            steps.append(logits[:, 0])
+        outs.append(jnp.stack(steps, axis=1))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(outs[0]).max()) > 0.1  # the comparison is not between zeros
+
+
 def test_remat_same_logits_and_grads():
     ids = _ids()
     grads = []
@@ -106,6 +161,10 @@ def test_config_validation():
         model_config("nope")
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         model_config("tiny", d_modle=3)
+    with pytest.raises(ValueError, match="fused_qkv needs multi-head"):
+        model_config("llama-tiny", fused_qkv=True)
+    with pytest.raises(ValueError, match="decode_attention"):
+        model_config("tiny", decode_attention="flash")
 
 
 def test_scalar_head_reads_last_real_token():
