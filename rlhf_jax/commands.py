@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 import gin
+import jax
 import numpy as np
 
 from rlhf_jax.data.errors import DataError, TokenizerError
@@ -335,7 +336,10 @@ def _check_preference_settings(
 
 
 def _write_preferences(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
-    """Writes eval.parquet (or removes a stale one), preferences.json, then train.parquet."""
+    """Writes eval.parquet (or removes a stale one), preferences.json, then train.parquet
+    (process 0 only in a multi-process job: every process holds the same pairs)."""
+    if jax.process_index() != 0:
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / TRAIN_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
     if splits["eval"]:

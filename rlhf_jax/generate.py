@@ -48,7 +48,7 @@ from rlhf_jax.models.transformer import (
     Transformer,
     default_positions,
 )
-from rlhf_jax.partitioning import batch_sharding, check_batch_divisible
+from rlhf_jax.partitioning import batch_sharding, check_batch_divisible, host_to_global
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
 NEG_INF = -jnp.inf
@@ -525,9 +525,14 @@ class Sampler:
         if not (config.use_top_p or config.greedy) and np.any(np.asarray(hparams.top_p) < 1):
             raise ValueError("top_p < 1 needs SamplingConfig(use_top_p=True)")
         rows = batch_sharding(self.mesh, 2)
-        ids = jax.device_put(jnp.asarray(prompt_ids_BP, jnp.int32), rows)
-        mask = jax.device_put(jnp.asarray(prompt_mask_BP, jnp.int32), rows)
-        return ids, mask, hparams.as_arrays()
+
+        def place(x):
+            if isinstance(x, jax.Array):  # on device already (global when multi-process)
+                return jax.device_put(x.astype(jnp.int32), rows)
+            # A host batch, the same in full on every process.
+            return host_to_global(np.asarray(x, np.int32), rows)
+
+        return place(prompt_ids_BP), place(prompt_mask_BP), hparams.as_arrays()
 
     def __call__(
         self,

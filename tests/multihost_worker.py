@@ -2,7 +2,8 @@
 
 Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_FILE
 Each process has 2 fake CPU devices, reads only its own rows of a fixed global batch and
-writes the sharded loss it computes.
+writes the sharded loss it computes, then samples from the same prompts (every process holds
+the whole prompt batch) and writes the completions gathered back to the host.
 """
 
 import json
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlhf_jax import partitioning as P  # noqa: E402
+from rlhf_jax.generate import Sampler, SamplingConfig, SamplingHParams  # noqa: E402
 from rlhf_jax.info import create_params  # noqa: E402
 from rlhf_jax.models import model_config  # noqa: E402
 
@@ -51,6 +53,26 @@ def sharded_loss(mesh, rows: slice) -> float:
     return float(np.asarray(jax.device_get(loss.addressable_data(0))))
 
 
+def sampled(mesh) -> dict[str, list]:
+    """Greedy and sampled completions of the same left-padded prompts, gathered to the host."""
+    cfg = model_config("tiny", init_std=0.2)  # peaked logits: no greedy near-ties
+    rules = P.logical_rules()
+    graphdef, params, shardings = create_params(cfg, mesh, rules, seed=0)
+    sampler = Sampler(graphdef, cfg, mesh, rules, shardings)
+    b = global_batch(cfg.vocab_size)
+    ids, mask = b["input_ids"][:, :8].copy(), np.ones((8, 8), np.int32)
+    mask[1::2, :3] = 0  # left padding in every other row
+    out = {}
+    for name, config, hp in (
+        ("greedy", SamplingConfig(max_new_tokens=6, greedy=True), None),
+        ("sampled", SamplingConfig(max_new_tokens=6), SamplingHParams(temperature=1.0)),
+    ):
+        res = sampler(params, ids, mask, jax.random.key(7), config, hp)
+        out[name] = P.to_host(res.tokens).tolist()
+        out[name + "_logprobs"] = P.to_host(res.model_logprobs).round(4).tolist()
+    return out
+
+
 def main() -> None:
     pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     if nproc > 1:
@@ -58,10 +80,10 @@ def main() -> None:
     mesh = P.make_mesh((2, -1, 1))  # data across processes, fsdp within
     per = 8 // jax.process_count()
     loss = sharded_loss(mesh, slice(pid * per, (pid + 1) * per))
+    result = {"loss": loss, "process_count": jax.process_count(), "devices": jax.device_count()}
+    result.update(sampled(mesh))
     with open(out, "w") as f:
-        json.dump(
-            {"loss": loss, "process_count": jax.process_count(), "devices": jax.device_count()}, f
-        )
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

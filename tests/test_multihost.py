@@ -1,11 +1,14 @@
 """Two JAX processes on localhost (gloo collectives, fake CPU devices) compute the same sharded
-loss as one process, each reading only its own slice of the batch."""
+loss as one process, each reading only its own slice of the batch, and sample the same
+completions as one process."""
 
 import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
@@ -43,3 +46,10 @@ def test_two_process_loss_equals_single_process(tmp_path):
     assert s["process_count"] == 1 and s["devices"] == 2
     assert abs(r[0]["loss"] - r[1]["loss"]) < 1e-6
     assert abs(r[0]["loss"] - s["loss"]) < 1e-5, (r, s)
+    # The sampler across two processes: every process gets the whole output, equal to one
+    # process's (greedy exactly; sampled with the same key, given the same logits).
+    for key in ("greedy", "sampled"):
+        assert r[0][key] == r[1][key] == s[key], key
+        assert len(s[key]) == 8 and len(s[key][0]) == 6
+    np.testing.assert_allclose(r[0]["sampled_logprobs"], s["sampled_logprobs"], atol=1e-3)
+    assert r[0]["greedy"] != r[0]["sampled"]  # sampling really sampled

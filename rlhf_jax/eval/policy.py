@@ -38,6 +38,7 @@ from rlhf_jax.generate import SampleOutput, Sampler, SamplingConfig, SamplingHPa
 from rlhf_jax.generate import sequence_batch as make_sequence_batch
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.ops import chunked_token_logprobs
+from rlhf_jax.partitioning import to_host
 from rlhf_jax.train.checkpoint import load_params
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def sample(
     bar = tqdm(
         total=total,
         desc=f"sampling {policy.run_dir.name}",
-        disable=not progress,
+        disable=not progress or jax.process_index() != 0,
         unit="seq",
         leave=False,
     )
@@ -253,17 +254,17 @@ def sample(
         ids_BP, mask_BP = batch["prompt_ids"], batch["prompt_mask"]
         out = policy.sampler(policy.params, ids_BP, mask_BP, jax.random.fold_in(key, i), cfg, hp)
         if ref is None:
-            logp_B = np.asarray(out.model_logprobs).sum(-1)
+            logp_B = to_host(out.model_logprobs).sum(-1)
             ref_logp_B = None
         else:
             with jax.set_mesh(policy.mesh), nnx.logical_axis_rules(policy.rules):
-                logp_B = np.asarray(
+                logp_B = to_host(
                     completion_logprobs(policy.graphdef, policy.params, ids_BP, mask_BP, out)
                 )
-                ref_logp_B = np.asarray(
+                ref_logp_B = to_host(
                     completion_logprobs(ref.graphdef, ref.params, ids_BP, mask_BP, out)
                 )
-        tokens_BN, cmask_BN = np.asarray(out.tokens), np.asarray(out.completion_mask)
+        tokens_BN, cmask_BN = to_host(out.tokens), to_host(out.completion_mask)
         for b in np.flatnonzero(batch["valid"]):
             new = tokens_BN[b][cmask_BN[b] == 1].tolist()
             if new and new[-1] in cfg.stop_tokens:
@@ -317,8 +318,13 @@ def summarize(rows: list[Row], keys: Sequence[str]) -> dict[str, float]:
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
-    """Writes rows as JSONL, atomically (a temporary file renamed into place)."""
+    """Writes rows as JSONL, atomically (a temporary file renamed into place).
+
+    In a multi-process job only process 0 writes (every process holds the same rows).
+    """
     path = Path(path)
+    if jax.process_index() != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
