@@ -204,9 +204,12 @@ def _write_hlo(sampler, params, ids, mask, key, hp, config, args, tag: str) -> l
     Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.hlo_dir) / f"{tag}.hlo.txt").write_text(text)
     loops = loop_kernel_counts(text)
+    # Print the decode loops (one per segment; the RNG's own small loops are left out).
+    most = max((loop["kernels"] for loop in loops), default=0)
     for loop in loops:
-        top = ", ".join(f"{op} {n}" for op, n in list(loop["by_op"].items())[:6])
-        print(f"  {tag} {loop['while']}: {loop['kernels']} kernels/iteration ({top})")
+        if loop["kernels"] == most:
+            top = ", ".join(f"{op} {n}" for op, n in list(loop["by_op"].items())[:8])
+            print(f"  {tag} {loop['while']}: {loop['kernels']} kernels/iteration ({top})")
     return loops
 
 
