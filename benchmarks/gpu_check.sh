@@ -56,7 +56,13 @@ section graphs 120 "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" -- --si
 # 3. GPT-2 medium with its transformers baseline (the previous session's run timed out there).
 section medium 200 "" -- --sizes gpt2-medium --variants base,fused_qkv+reduce+rbg --hf_repeats 1 \
   --skip_probe
-# 4. cuBLASLt epilogues (bias and GELU fused into the matmuls).
+# 4. One while_loop with a per-step exit test (segment_len 0, the commands' default): the
+#    loop condition goes back to the host at every step, unless the loop is a CUDA graph.
+section seg0 70 "" -- --sizes gpt2 --variants base --segment_len 0 --skip_transformers \
+  --skip_probe
+section graphs_seg0 70 "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" -- --sizes gpt2 \
+  --variants base --segment_len 0 --skip_transformers --skip_probe
+# 5. cuBLASLt epilogues (bias and GELU fused into the matmuls).
 section cublaslt 100 "--xla_gpu_enable_cublaslt=true" -- --sizes gpt2 \
   --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
 
