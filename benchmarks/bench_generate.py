@@ -59,8 +59,9 @@ def peak_bandwidth(device_kind: str) -> float | None:
     return None
 
 
-# Variants that change kernels but not numbers (tests/models, tests/test_generate.py): a name
-# maps to ModelConfig overrides, or (the "rng:" entries) to the PRNG implementation of the keys.
+# Decode-step variants: a name maps to ModelConfig overrides (these change kernels, not numbers:
+# tests/models) or, for "rng:" entries, to the keys' PRNG implementation (other random draws
+# from the same distribution).
 VARIANTS = {
     "base": {},
     "fused_qkv": {"fused_qkv": True},
@@ -209,7 +210,8 @@ def _write_hlo(sampler, params, ids, mask, key, hp, config, args, tag: str) -> l
     for loop in loops:
         if loop["kernels"] == most:
             top = ", ".join(f"{op} {n}" for op, n in list(loop["by_op"].items())[:8])
-            print(f"  {tag} {loop['while']}: {loop['kernels']} kernels/iteration ({top})")
+            nested = f"; nested loops of {loop['nested']} kernels" if loop["nested"] else ""
+            print(f"  {tag} {loop['while']}: {loop['kernels']} kernels/iteration ({top}{nested})")
     return loops
 
 
@@ -368,8 +370,15 @@ def variant_table(rows: list[dict]) -> str:
     for row in rows:
         for ours in [row["ours"], *row.get("other_variants", [])]:
             step, share = ours.get("decode_step_ms"), ours.get("roofline_share")
-            # The decode loop is the innermost loop with the most kernels (RNG loops are tiny).
-            kernels = max((loop["kernels"] for loop in ours.get("loops", [])), default=None)
+            # The decode loop is the loop with the most kernels (RNG loops are tiny); loops
+            # nested in it (CPU threefry) are shown, not added.
+            loops = ours.get("loops", [])
+            top = max(loops, key=lambda loop: loop["kernels"], default=None)
+            kernels = None
+            if top is not None:
+                kernels = f"{top['kernels']}" + (
+                    f" (+{len(top['nested'])} nested loops)" if top.get("nested") else ""
+                )
             lines.append(
                 f"| {row['size']} | {ours.get('variant', ours.get('error', '?'))} "
                 f"| {'—' if step is None else format(step, '.3f')} "

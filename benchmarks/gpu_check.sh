@@ -40,6 +40,8 @@ section() {
 }
 
 V=base,fused_qkv+reduce,rbg,fused_qkv+reduce+rbg
+rm -rf /tmp/hlo /tmp/prof  # a warm machine may hold an earlier run's
+STEPS=255  # decode steps of a 256-token call (the first token comes from the prefill)
 # 1. Default flags, GPT-2 small: the variants side by side with transformers; compiled HLO
 #    (kernels per decode step) and one profiled call per variant.
 section small 240 "" -- --sizes gpt2 --variants $V --hf_repeats 2 \
@@ -47,7 +49,7 @@ section small 240 "" -- --sizes gpt2 --variants $V --hf_repeats 2 \
 for d in /tmp/prof/*/; do
   [ -d "$d" ] || continue
   echo "--- trace $(basename "$d")"
-  python3 benchmarks/trace_summary.py "$d" --steps 255 --top 20 | tee "$OUT/trace_$(basename "$d").txt" | head -14
+  python3 benchmarks/trace_summary.py "$d" --steps $STEPS --top 20 | tee "$OUT/trace_$(basename "$d").txt" | head -14
 done
 tar czf "$OUT/hlo.tgz" -C /tmp hlo 2>/dev/null
 # 2. The whole decode loop in one CUDA graph (while/conditional command buffers).

@@ -30,8 +30,10 @@ NO_LAUNCH = {
     "opt-barrier",
     "add-dependency",
     "iota",  # folded into consumers on GPU when it survives as an operand
+    "async-done",  # the work is counted once, at its async-start
+    "async-update",
 }
-CONTROL = {"while", "conditional", "call", "async-start", "async-done"}
+CONTROL = {"while", "conditional", "call", "async-start"}
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -100,8 +102,28 @@ def _kernels(comps, name: str, seen: frozenset = frozenset()) -> collections.Cou
     return counts
 
 
+def _nested_loops(comps, name: str, seen: frozenset = frozenset()) -> list[str]:
+    """Bodies of the `while` loops reached from `name` without entering another loop."""
+    bodies = []
+    for _, op, rhs in comps.get(name, []):
+        if op == "while":
+            m = re.search(r"body=%?([\w.\-]+)", rhs)
+            if m:
+                bodies.append(m.group(1))
+        elif op in CONTROL:
+            for callee in dict.fromkeys(_called(rhs)):
+                if callee in comps and callee not in seen:
+                    bodies += _nested_loops(comps, callee, seen | {name})
+    return bodies
+
+
 def loop_kernel_counts(hlo_text: str) -> list[dict]:
-    """One entry per `while` instruction: its body and the kernels one iteration launches."""
+    """One entry per `while` instruction: its body and the kernels one iteration launches.
+
+    `kernels` counts the body itself (calls and the largest branch of each conditional
+    included); loops nested in it are listed in `nested` (their bodies' kernel counts), not
+    added, since their trip counts are not known here.
+    """
     comps = parse_computations(hlo_text)
     loops = []
     for comp, instrs in comps.items():
@@ -112,6 +134,9 @@ def loop_kernel_counts(hlo_text: str) -> list[dict]:
             if not m:
                 continue
             counts = _kernels(comps, m.group(1))
+            nested = [
+                int(sum(_kernels(comps, b).values())) for b in _nested_loops(comps, m.group(1))
+            ]
             loops.append(
                 {
                     "while": instr,
@@ -119,6 +144,7 @@ def loop_kernel_counts(hlo_text: str) -> list[dict]:
                     "body": m.group(1),
                     "kernels": int(sum(counts.values())),
                     "by_op": dict(counts.most_common()),
+                    "nested": nested,
                 }
             )
     return loops
@@ -129,7 +155,10 @@ def main(argv=None) -> None:
     for path in argv:
         text = open(path).read()
         for loop in loop_kernel_counts(text):
-            print(f"{path}: {loop['while']} (body {loop['body']}): {loop['kernels']} kernels")
+            nested = f", nested loops of {loop['nested']} kernels" if loop["nested"] else ""
+            print(
+                f"{path}: {loop['while']} (body {loop['body']}): {loop['kernels']} kernels{nested}"
+            )
             for op, n in loop["by_op"].items():
                 print(f"    {n:5d}  {op}")
 

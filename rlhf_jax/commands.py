@@ -30,6 +30,7 @@ import gin
 import jax
 import numpy as np
 
+from rlhf_jax import partitioning
 from rlhf_jax.data.errors import DataError, TokenizerError
 from rlhf_jax.data.examples import RowReader
 from rlhf_jax.data.sources import load_source
@@ -337,9 +338,14 @@ def _check_preference_settings(
 
 def _write_preferences(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
     """Writes eval.parquet (or removes a stale one), preferences.json, then train.parquet
-    (process 0 only in a multi-process job: every process holds the same pairs)."""
-    if jax.process_index() != 0:
-        return
+    (process 0 only in a multi-process job: every process holds the same pairs; all return
+    once the files are in place)."""
+    if jax.process_index() == 0:
+        _write_preference_files(out, splits, meta)
+    partitioning.sync_processes(f"preferences {out}")
+
+
+def _write_preference_files(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
     out.mkdir(parents=True, exist_ok=True)
     (out / TRAIN_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
     if splits["eval"]:

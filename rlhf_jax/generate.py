@@ -48,7 +48,7 @@ from rlhf_jax.models.transformer import (
     Transformer,
     default_positions,
 )
-from rlhf_jax.partitioning import batch_sharding, check_batch_divisible, host_to_global
+from rlhf_jax.partitioning import batch_sharding, check_batch_divisible
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
 NEG_INF = -jnp.inf
@@ -472,8 +472,9 @@ class Sampler:
     """`generate` jitted on a mesh with explicit shardings; one program per config and shape.
 
     Batch rows are sharded over (data, fsdp) (the batch must divide by data × fsdp), the cache
-    is constrained to ("batch", "length", "act_kv_heads", None), and the parameters keep
-    their own shardings.
+    is constrained to `CACHE_AXES` ("batch", "act_kv_heads", "length", None), and the
+    parameters keep their own shardings. In a multi-process job every process passes the same
+    full prompt batch; `partitioning.to_host` gathers the outputs back to every process.
 
     Example:
       sampler = Sampler(graphdef, cfg, mesh, rules, params_shardings=shardings)
@@ -525,14 +526,10 @@ class Sampler:
         if not (config.use_top_p or config.greedy) and np.any(np.asarray(hparams.top_p) < 1):
             raise ValueError("top_p < 1 needs SamplingConfig(use_top_p=True)")
         rows = batch_sharding(self.mesh, 2)
-
-        def place(x):
-            if isinstance(x, jax.Array):  # on device already (global when multi-process)
-                return jax.device_put(x.astype(jnp.int32), rows)
-            # A host batch, the same in full on every process.
-            return host_to_global(np.asarray(x, np.int32), rows)
-
-        return place(prompt_ids_BP), place(prompt_mask_BP), hparams.as_arrays()
+        # A host batch must be the same, in full, on every process of a multi-process job.
+        ids = jax.device_put(jnp.asarray(prompt_ids_BP, jnp.int32), rows)
+        mask = jax.device_put(jnp.asarray(prompt_mask_BP, jnp.int32), rows)
+        return ids, mask, hparams.as_arrays()
 
     def __call__(
         self,

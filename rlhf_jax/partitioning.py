@@ -188,16 +188,6 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
     return out
 
 
-def host_to_global(arr: Any, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array that every process holds in full (same values).
-
-    Works in one process and in many (each process places only its addressable shards), unlike
-    `jax.device_put`, which cannot target another process's devices.
-    """
-    arr = np.asarray(arr)
-    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
-
-
 def to_host(x: Any) -> np.ndarray:
     """A global array as one full NumPy array on every process (an all-gather across
     processes when it is sharded over devices this process cannot address)."""
@@ -206,6 +196,15 @@ def to_host(x: Any) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (no-op in a single-process job), e.g. so
+    that files process 0 writes exist before any process reads them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 @gin.configurable

@@ -61,6 +61,46 @@ def test_loop_kernel_counts_reads_a_while_body():
     assert loop["kernels"] == 4
 
 
+NESTED = """HloModule n
+
+%gemm_comp (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %g = f32[4]{0} custom-call(f32[4]{0} %x), custom_call_target="__cublas$gemm"
+}
+
+%inner_body (t: f32[4]) -> f32[4] {
+  %t = f32[4]{0} parameter(0)
+  ROOT %c = f32[4]{0} copy(f32[4]{0} %t)
+}
+
+%inner_cond (t: f32[4]) -> pred[] {
+  %t = f32[4]{0} parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+%outer_body (t: f32[4]) -> f32[4] {
+  %t = f32[4]{0} parameter(0)
+  %s = ((f32[4]{0}), f32[4]{0}) async-start(f32[4]{0} %t), calls=%gemm_comp
+  %d = f32[4]{0} async-done(((f32[4]{0}), f32[4]{0}) %s), calls=%gemm_comp
+  %w = f32[4]{0} while(f32[4]{0} %d), condition=%inner_cond, body=%inner_body
+  ROOT %f = f32[4]{0} fusion(f32[4]{0} %w), kind=kLoop, calls=%inner_body
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  ROOT %outer = f32[4]{0} while(f32[4]{0} %a), condition=%inner_cond, body=%outer_body
+}
+"""
+
+
+def test_async_work_counts_once_and_nested_loops_are_listed_not_added():
+    loops = {loop["while"]: loop for loop in hlo_kernels.loop_kernel_counts(NESTED)}
+    outer = loops["outer"]
+    assert outer["by_op"] == {"custom-call:__cublas$gemm": 1, "fusion": 1}
+    assert outer["kernels"] == 2 and outer["nested"] == [1]
+    assert loops["w"]["kernels"] == 1 and loops["w"]["nested"] == []
+
+
 def _trace(tmp_path, events) -> Path:
     meta = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},

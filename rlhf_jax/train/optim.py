@@ -30,6 +30,8 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 # Parameter paths that are embedding tables (their weight decay is opt-in).
 EMBEDDING_PATTERN = r"(^|/)(embed|pos_embed)$"
+# Bias vectors, whatever their rank (attention biases are [heads, head_dim]): never decayed.
+BIAS_PATTERN = r"(^|/)(b[a-z]*|head_b)$"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,11 +65,12 @@ def path_mask(params: Any, predicate: Callable[[str, jax.Array], bool]) -> Any:
 
 
 def decay_mask_fn(decay_embeddings: bool = False) -> Callable[[Any], Any]:
-    """Mask function for optax's weight decay: matrices only, embeddings optional."""
-    emb = re.compile(EMBEDDING_PATTERN)
+    """Mask function for optax's weight decay: weight matrices only (not biases, whatever
+    their rank, nor norm scales), embeddings optional."""
+    emb, bias = re.compile(EMBEDDING_PATTERN), re.compile(BIAS_PATTERN)
 
     def decays(path: str, x: jax.Array) -> bool:
-        if x.ndim < 2:
+        if x.ndim < 2 or bias.search(path):
             return False
         return decay_embeddings or not emb.search(path)
 

@@ -245,3 +245,47 @@ def test_bad_command_settings_exit_2(tmp_path, capsys):
         ],
         "unknown judge",
     )
+
+
+def test_commands_in_two_processes_match_one_process(sft_run, reviews_task, tmp_path):
+    """generate and make-preferences in a 2-process job (gloo, 2 fake devices each) write the
+    same files as a 1-process job; every process returns only once the files exist."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = REPO / "tests/commands/multiprocess_worker.py"
+    prompts = str(reviews_task.prompts_path)
+
+    def launch(pid: int, nproc: int, out) -> subprocess.Popen:
+        args = [str(pid), str(nproc), port, str(sft_run), prompts, str(out)]
+        return subprocess.Popen(
+            [sys.executable, str(worker), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    procs = [launch(i, 2, tmp_path / "two") for i in range(2)]
+    single = launch(0, 1, tmp_path / "one")
+    for p in [*procs, single]:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rows_one, rows_two = (
+        [json.loads(line) for line in (d / "gen.jsonl").read_text().splitlines()]
+        for d in (one, two)
+    )
+    assert len(rows_one) == 12
+    # Same completions and judge scores; log-probs up to the summation order of the sharding.
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
+        assert {k: v for k, v in a.items() if k != "logprob"} == {
+            k: v for k, v in b.items() if k != "logprob"
+        }
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(two / "prefs/train.parquet"), pd.read_parquet(one / "prefs/train.parquet")
+    )
+    meta = [json.loads((d / "prefs/preferences.json").read_text()) for d in (one, two)]
+    assert meta[0]["pairs"] == meta[1]["pairs"] > 0

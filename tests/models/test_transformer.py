@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.models import PRESETS, ScalarModel, Transformer, model_config
+from rlhf_jax.train.optim import param_path
 
 SMALL = ["tiny", "llama-tiny"]
 
@@ -93,6 +94,17 @@ def _fused_copy(m: Transformer) -> Transformer:
 def test_decode_variants_give_the_same_logits(variant):
     """fused_qkv (one projection) and decode_attention="reduce" change kernels, not numbers."""
     m = _model("tiny")
+    # Non-zero biases (they start at zero), so a dropped or misplaced bias shows.
+    state = nnx.state(m, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+
+    def noisy_bias(path, x):
+        if param_path(path).rsplit("/", 1)[-1].startswith("b"):  # bq, bk, bv, bo, bi, bias
+            return 0.5 * jax.random.normal(next(keys), x.shape, x.dtype)
+        return x
+
+    state = jax.tree_util.tree_map_with_path(noisy_bias, state)
+    nnx.update(m, state)
     if variant == "fused_qkv":
         other = _fused_copy(m)
         assert "wqkv" in nnx.state(other, nnx.Param)["blocks"][0]["attn"]

@@ -70,14 +70,19 @@ def test_weight_decay_mask(params):
         updates = _update(opt, params, zero)  # with zero gradients only decay moves params
         values = _paths(params)
         for path, u in updates.items():
-            decays = values[path].ndim >= 2 and (
-                decay_embeddings or path not in ("embed", "pos_embed")
+            is_bias = path.rsplit("/", 1)[-1] in ("bq", "bk", "bv", "bo", "bi", "bqkv")
+            decays = (
+                values[path].ndim >= 2
+                and not is_bias
+                and (decay_embeddings or path not in ("embed", "pos_embed"))
             )
             if decays:
                 np.testing.assert_allclose(u, -0.5 * values[path], rtol=1e-6, err_msg=path)
             else:
                 assert not np.any(u), path  # biases, norm scales, (embeddings)
     assert {"embed", "pos_embed", "blocks/0/attn/wq", "blocks/0/ln1/scale"} <= set(updates)
+    # Attention biases are [heads, head_dim]: rank 2, still not decayed.
+    assert values["blocks/0/attn/bq"].ndim == 2 and not np.any(updates["blocks/0/attn/bq"])
 
 
 def test_trainable_mask_freezes_the_rest(params):
