@@ -1,0 +1,48 @@
+"""The main job end to end: `rlhf-jax quickstart --fast` (about 35 s on 2 cores), then a rerun
+that skips every finished stage."""
+
+import json
+import math
+
+import pytest
+
+from rlhf_jax.quickstart import quickstart
+
+
+def test_fast_quickstart_runs_every_stage_and_reruns_from_its_outputs(tmp_path, capsys):
+    out = tmp_path / "qs"
+    report = quickstart(out_dir=str(out), fast=True)
+    for name in (
+        "task/tokenizer.json",
+        "sft/summary.json",
+        "preferences/train.parquet",
+        "reward/summary.json",
+        "dpo/summary.json",
+        "sft/samples.jsonl",
+        "dpo/samples.jsonl",
+        "report.json",
+        "report.md",
+        "report.png",
+    ):
+        assert (out / name).exists(), name
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        "![" in (out / "report.md").read_text() and "report.png" in (out / "report.md").read_text()
+    )
+
+    res = report["results"]
+    assert set(res) == {"SFT", "DPO"}
+    for policy in res.values():
+        assert policy["samples"] == 64
+        assert all(math.isfinite(v) for v in policy.values())
+    assert res["SFT"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is SFT itself
+    assert res["DPO"]["kl"] > 0.5  # DPO moved away from it (3.1 ± 0.4 nats measured)
+    sft = json.loads((out / "sft/summary.json").read_text())
+    assert sft["eval/loss"] < sft["baseline/unigram_eval_loss"] - 0.3  # SFT learned something
+    assert json.loads((out / "report.json").read_text())["results"] == res
+
+    capsys.readouterr()
+    again = quickstart(out_dir=str(out), fast=True)
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == 4  # SFT, preferences, reward model, DPO
+    assert again["results"] == res  # the evaluation is deterministic
