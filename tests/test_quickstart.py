@@ -46,3 +46,13 @@ def test_fast_quickstart_runs_every_stage_and_reruns_from_its_outputs(tmp_path, 
     printed = capsys.readouterr().out
     assert printed.count("already done") == 4  # SFT, preferences, reward model, DPO
     assert again["results"] == res  # the evaluation is deterministic
+
+
+def test_plot_policies_draws_the_scores_present_and_rejects_none(tmp_path):
+    from rlhf_jax.eval.plots import plot_policies
+
+    results = {"SFT": {"sentiment": 0.1, "kl": 0.0}, "DPO": {"sentiment": 0.7, "kl": 12.0}}
+    path = plot_policies(results, tmp_path / "p.png")  # offensiveness absent: one panel
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="none of the scores"):
+        plot_policies({"SFT": {"kl": 0.0}}, tmp_path / "q.png")
