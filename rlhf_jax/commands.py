@@ -133,6 +133,7 @@ def generate_command(
     batch_size: int = 64,
     seed: int = 0,
     judge: str | Judge | None = "reviews",
+    segment_len: int = 0,
 ) -> Path:
     """Samples completions and writes them as JSONL, one object per completion.
 
@@ -151,6 +152,8 @@ def generate_command(
       batch_size: rows per sampler call.
       seed: sampling seed.
       judge: a name in `TASK_JUDGES` ("reviews"), a callable, or None for no scores.
+      segment_len: decode the tokens in fixed segments of this many steps (the same samples;
+        on GPU it spares a host read-back of the loop condition at every step). 0 = one loop.
 
     Returns:
       The JSONL path.
@@ -170,6 +173,7 @@ def generate_command(
         top_k=top_k,
         seed=seed,
         batch_size=batch_size,
+        segment_len=segment_len,
     )
     judge_fields = policy_eval.score(rows, judge_fn)
     out = Path(output) if output else pol.run_dir / "generations.jsonl"
@@ -376,6 +380,7 @@ def make_preferences_command(
     top_k: int = 0,
     batch_size: int = 128,
     seed: int = 0,
+    segment_len: int = 0,
 ) -> Path:
     """Samples K completions per prompt, scores them with the gold judge, labels pairs by
     Bradley-Terry sampling and writes OUTPUT/train.parquet, eval.parquet and preferences.json.
@@ -397,6 +402,7 @@ def make_preferences_command(
       max_new_tokens, temperature, top_p, top_k: sampling settings of the policy.
       batch_size: rows per sampler call.
       seed: seed of the sampling, the prompt split and the labels.
+      segment_len: as in `generate_command`.
 
     Returns:
       The output folder.
@@ -415,6 +421,7 @@ def make_preferences_command(
         top_k=top_k,
         seed=seed,
         batch_size=batch_size,
+        segment_len=segment_len,
     )
     fields = policy_eval.score(rows, judges.score_texts)
     scores = {f: np.asarray([r[f] for r in rows]) for f in fields}

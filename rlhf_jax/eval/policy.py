@@ -199,6 +199,7 @@ def sample(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     ref: Policy | None = None,
     progress: bool = True,
+    segment_len: int = 0,
 ) -> list[Row]:
     """Samples `num_samples` completions per prompt.
 
@@ -218,6 +219,8 @@ def sample(
       ref: a reference policy on the same mesh, for the per-sequence KL (needs temperature 1,
         top_p 1, top_k 0).
       progress: show a progress bar.
+      segment_len: decode-loop segments (`SamplingConfig.segment_len`; same samples, 0 = one
+        loop with a per-step exit test).
 
     Returns:
       One dict per (prompt, sample), prompt-major: `prompt`, `sample` (0..num_samples-1),
@@ -233,7 +236,11 @@ def sample(
         _check_kl_setup(policy, ref, temperature, top_p, top_k)
     tok = policy.tokenizer
     cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens, top_k=top_k, eos_id=tok.eos_id, pad_id=tok.pad_id
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        segment_len=segment_len,
     )
     hp = SamplingHParams(temperature=temperature, top_p=top_p)
     total = len(prompts) * num_samples

@@ -47,6 +47,27 @@ def test_generate_writes_jsonl_with_judge_scores(sft_run, reviews_task, tmp_path
     assert summary["samples"] == 24 and "sentiment" in summary and "length" in summary
 
 
+def test_generate_segment_len_gives_the_same_samples(sft_run, reviews_task, tmp_path):
+    """`generate_command.segment_len` (a gin knob) changes the loop, not the samples."""
+    rows = {}
+    for seg in (0, 3):
+        out = tmp_path / f"gen{seg}.jsonl"
+        code = run_cli(
+            "generate",
+            f"--gin.CHECKPOINT='{sft_run}'",
+            f"--gin.PROMPTS='{reviews_task.eval_prompts_path}'",
+            f"--gin.OUTPUT='{out}'",
+            *_cmd_bindings("generate_command", "limit=8", "judge=None", f"segment_len={seg}"),
+        )
+        assert code == 0
+        rows[seg] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["completion"] for r in rows[3]] == [r["completion"] for r in rows[0]]
+    assert any(r["length"] > 3 for r in rows[0])  # some rows ran past the first segment
+    np.testing.assert_allclose(
+        [r["logprob"] for r in rows[3]], [r["logprob"] for r in rows[0]], atol=1e-4
+    )
+
+
 def test_generate_without_judge(sft_run, reviews_task, tmp_path):
     out = tmp_path / "gen.jsonl"
     code = run_cli(
