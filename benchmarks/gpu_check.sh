@@ -39,6 +39,15 @@ section() {
   grep -E "^\| |kernels/iteration|probe" "$OUT/$name.log" | grep -v "^W"
 }
 
+# The "+TYPE" form adds to XLA's default command-buffer types; fall back to an explicit list if
+# this XLA does not parse it.
+GRAPHS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+if ! XLA_FLAGS="$GRAPHS" timeout 60 python3 -c "import jax; jax.numpy.ones(2).block_until_ready()" \
+  > /dev/null 2>&1; then
+  GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+fi
+echo "graph flags: $GRAPHS"
+
 V=base,fused_qkv+reduce,rbg,fused_qkv+reduce+rbg
 rm -rf /tmp/hlo /tmp/prof  # a warm machine may hold an earlier run's
 STEPS=255  # decode steps of a 256-token call (the first token comes from the prefill)
@@ -53,7 +62,7 @@ for d in /tmp/prof/*/; do
 done
 tar czf "$OUT/hlo.tgz" -C /tmp hlo 2>/dev/null
 # 2. The whole decode loop in one CUDA graph (while/conditional command buffers).
-section graphs 120 "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" -- --sizes gpt2 \
+section graphs 120 "$GRAPHS" -- --sizes gpt2 \
   --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
 # 3. GPT-2 medium with its transformers baseline (the previous session's run timed out there).
 section medium 200 "" -- --sizes gpt2-medium --variants base,fused_qkv+reduce+rbg --hf_repeats 1 \
@@ -62,7 +71,7 @@ section medium 200 "" -- --sizes gpt2-medium --variants base,fused_qkv+reduce+rb
 #    loop condition goes back to the host at every step, unless the loop is a CUDA graph.
 section seg0 70 "" -- --sizes gpt2 --variants base --segment_len 0 --skip_transformers \
   --skip_probe
-section graphs_seg0 70 "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" -- --sizes gpt2 \
+section graphs_seg0 70 "$GRAPHS" -- --sizes gpt2 \
   --variants base --segment_len 0 --skip_transformers --skip_probe
 # 5. cuBLASLt epilogues (bias and GELU fused into the matmuls).
 section cublaslt 100 "--xla_gpu_enable_cublaslt=true" -- --sizes gpt2 \
