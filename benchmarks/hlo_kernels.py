@@ -84,7 +84,9 @@ def _kernels(comps, name: str, seen: frozenset = frozenset()) -> collections.Cou
     with the most kernels: one branch runs) but not into nested loops."""
     counts: collections.Counter = collections.Counter()
     for _, op, rhs in comps.get(name, []):
-        if op in NO_LAUNCH or op == "while":
+        # An async pair (copy-start/-done, all-reduce-start/-done, ...) is one piece of work,
+        # counted at its start.
+        if op in NO_LAUNCH or op == "while" or op.endswith(("-done", "-update")):
             continue
         if op in CONTROL:
             callees = [c for c in dict.fromkeys(_called(rhs)) if c in comps and c not in seen]

@@ -27,7 +27,6 @@ from typing import Any
 
 import datasets
 import gin
-import jax
 import numpy as np
 
 from rlhf_jax import partitioning
@@ -160,6 +159,7 @@ def generate_command(
     """
     if num_samples < 1:
         raise CommandError(f"generate_command.num_samples={num_samples} must be >= 1")
+    _check_sampling("generate_command", top_k, segment_len)
     judge_fn = resolve_judge(judge)
     texts = _read_prompts(prompts, split, limit)
     pol = _load_policy(checkpoint)
@@ -317,6 +317,13 @@ def _label_stats(pairs: list[Row]) -> dict[str, float]:
     }
 
 
+def _check_sampling(command: str, top_k: int, segment_len: int) -> None:
+    """Fails before loading anything on sampling settings the sampler would reject."""
+    for name, value in (("top_k", top_k), ("segment_len", segment_len)):
+        if value < 0:
+            raise CommandError(f"{command}.{name}={value} must be >= 0")
+
+
 def _check_preference_settings(
     num_samples: int,
     label_temperature: float,
@@ -343,10 +350,10 @@ def _check_preference_settings(
 def _write_preferences(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
     """Writes eval.parquet (or removes a stale one), preferences.json, then train.parquet
     (process 0 only in a multi-process job: every process holds the same pairs; all return
-    once the files are in place)."""
-    if jax.process_index() == 0:
-        _write_preference_files(out, splits, meta)
-    partitioning.sync_processes(f"preferences {out}")
+    once the files are in place, and all raise if writing failed)."""
+    partitioning.on_process_0(
+        lambda: _write_preference_files(out, splits, meta), f"writing preferences to {out}"
+    )
 
 
 def _write_preference_files(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
@@ -408,6 +415,7 @@ def make_preferences_command(
       The output folder.
     """
     _check_preference_settings(num_samples, label_temperature, eval_fraction, gold, gold_weights)
+    _check_sampling("make_preferences_command", top_k, segment_len)
     texts = _read_prompts(prompts, split, limit)
     eval_prompts = split_prompts(texts, eval_fraction, np.random.default_rng([seed, 1]))
     pol = _load_policy(checkpoint)

@@ -198,13 +198,28 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def sync_processes(name: str) -> None:
-    """Waits until every process reaches this point (no-op in a single-process job), e.g. so
-    that files process 0 writes exist before any process reads them."""
+def on_process_0(fn: Callable[[], Any], what: str) -> Any:
+    """Runs `fn` on process 0 only (e.g. writing files every process has the data for).
+
+    Every process returns only after process 0 has finished, and every process raises if `fn`
+    raised there (process 0 with the original error), so no process is left waiting at a later
+    collective. A single-process job just calls `fn`. Returns `fn()` on process 0, else None.
+    """
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other processes have heard
+            error = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(failed) and error is None:
+            raise RuntimeError(f"process 0 failed while {what}; see its log")
+    if error is not None:
+        raise error
+    return result
 
 
 @gin.configurable

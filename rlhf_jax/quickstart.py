@@ -24,8 +24,8 @@ from rlhf_jax import gin_utils
 
 log = logging.getLogger(__name__)
 
-# Stage sizes: (full, --fast). On a quiet 2-core CPU the full run takes about 2.5 minutes
-# (151 s measured) and --fast about 35 s (a smoke test: its reward model and DPO barely train).
+# Stage sizes: (full, --fast). On a quiet 2-core CPU the full run takes about 3 minutes
+# (151-174 s measured) and --fast about 35 s (a smoke test: its reward model and DPO barely train).
 SIZES = {
     "num_texts": (40_000, 4_000),
     "sft_steps": (1200, 60),

@@ -1,6 +1,11 @@
-"""Test set-up: 8 fake CPU devices before jax is imported, and a clean gin registry per test."""
+"""Test set-up: 8 fake CPU devices before jax is imported, a clean gin registry per test, and
+a runner for multi-process worker scripts."""
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -19,3 +24,52 @@ def _clear_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(argvs: list[list[str]], timeout: float = 300) -> list[str]:
+    """Runs `python ARGV` for each ARGV concurrently, with this checkout's package first on the
+    path (not whatever copy is installed); returns their outputs; kills them all on failure."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for argv in argvs
+    ]
+    try:
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, out[-3000:]
+            outs.append(out)
+        return outs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.fixture
+def run_workers():
+    """`run_workers(argvs, timeout=300)`: see `_run_workers`."""
+    return _run_workers
+
+
+@pytest.fixture
+def free_port():
+    """`free_port()`: a TCP port free at the time of the call (for a jax coordinator)."""
+    return _free_port

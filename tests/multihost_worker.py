@@ -73,6 +73,23 @@ def sampled(mesh) -> dict[str, list]:
     return out
 
 
+def process_0_failure() -> list[str]:
+    """What each process sees when process 0's part of `on_process_0` succeeds, then fails."""
+
+    def fail():
+        raise OSError("disk full")
+
+    seen = [repr(P.on_process_0(lambda: "written", "writing a test file"))]
+    try:
+        P.on_process_0(fail, "writing a test file")
+        seen.append("no error")
+    except OSError:
+        seen.append("OSError")
+    except RuntimeError as e:
+        seen.append(f"RuntimeError: {e}")
+    return seen
+
+
 def main() -> None:
     pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     if nproc > 1:
@@ -82,6 +99,7 @@ def main() -> None:
     loss = sharded_loss(mesh, slice(pid * per, (pid + 1) * per))
     result = {"loss": loss, "process_count": jax.process_count(), "devices": jax.device_count()}
     result.update(sampled(mesh))
+    result["process_0_failure"] = process_0_failure()
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -82,7 +82,9 @@ NESTED = """HloModule n
   %t = f32[4]{0} parameter(0)
   %s = ((f32[4]{0}), f32[4]{0}) async-start(f32[4]{0} %t), calls=%gemm_comp
   %d = f32[4]{0} async-done(((f32[4]{0}), f32[4]{0}) %s), calls=%gemm_comp
-  %w = f32[4]{0} while(f32[4]{0} %d), condition=%inner_cond, body=%inner_body
+  %cs = (f32[4]{0}, f32[4]{0}, u32[]) copy-start(f32[4]{0} %d)
+  %cd = f32[4]{0} copy-done((f32[4]{0}, f32[4]{0}, u32[]) %cs)
+  %w = f32[4]{0} while(f32[4]{0} %cd), condition=%inner_cond, body=%inner_body
   ROOT %f = f32[4]{0} fusion(f32[4]{0} %w), kind=kLoop, calls=%inner_body
 }
 
@@ -96,8 +98,8 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 def test_async_work_counts_once_and_nested_loops_are_listed_not_added():
     loops = {loop["while"]: loop for loop in hlo_kernels.loop_kernel_counts(NESTED)}
     outer = loops["outer"]
-    assert outer["by_op"] == {"custom-call:__cublas$gemm": 1, "fusion": 1}
-    assert outer["kernels"] == 2 and outer["nested"] == [1]
+    assert outer["by_op"] == {"custom-call:__cublas$gemm": 1, "fusion": 1, "copy-start": 1}
+    assert outer["kernels"] == 3 and outer["nested"] == [1]
     assert loops["w"]["kernels"] == 1 and loops["w"]["nested"] == []
 
 

@@ -3,9 +3,6 @@ loss as one process, each reading only its own slice of the batch, and sample th
 completions as one process."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,33 +10,12 @@ import numpy as np
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_loss_equals_single_process(tmp_path):
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), "2", str(port), str(tmp_path / f"p{i}.json")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    single = subprocess.run(
-        [sys.executable, str(WORKER), "0", "1", "0", str(tmp_path / "single.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_two_process_loss_equals_single_process(tmp_path, run_workers, free_port):
+    port = free_port()
+    run_workers(
+        [[str(WORKER), str(i), "2", str(port), str(tmp_path / f"p{i}.json")] for i in range(2)]
+        + [[str(WORKER), "0", "1", "0", str(tmp_path / "single.json")]]
     )
-    assert single.returncode == 0, single.stdout + single.stderr
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
     r = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     s = json.loads((tmp_path / "single.json").read_text())
     assert r[0]["process_count"] == 2 and r[0]["devices"] == 4
@@ -53,3 +29,8 @@ def test_two_process_loss_equals_single_process(tmp_path):
         assert len(s[key]) == 8 and len(s[key][0]) == 6
     np.testing.assert_allclose(r[0]["sampled_logprobs"], s["sampled_logprobs"], atol=1e-3)
     assert r[0]["greedy"] != r[0]["sampled"]  # sampling really sampled
+    # A failure on process 0 inside on_process_0 reaches every process (none is left waiting).
+    assert r[0]["process_0_failure"] == ["'written'", "OSError"]
+    assert r[1]["process_0_failure"][0] == "None"
+    assert r[1]["process_0_failure"][1].startswith("RuntimeError: process 0 failed while writing")
+    assert s["process_0_failure"] == ["'written'", "OSError"]

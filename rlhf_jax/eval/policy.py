@@ -327,16 +327,18 @@ def summarize(rows: list[Row], keys: Sequence[str]) -> dict[str, float]:
 def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
     """Writes rows as JSONL, atomically (a temporary file renamed into place).
 
-    In a multi-process job only process 0 writes (every process holds the same rows), and
-    every process returns once the file is in place.
+    In a multi-process job only process 0 writes (every process holds the same rows); every
+    process returns once the file is in place, and raises if the write failed.
     """
     path = Path(path)
-    if jax.process_index() == 0:
+
+    def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, path)
-    partitioning.sync_processes(f"write_jsonl {path}")
+
+    partitioning.on_process_0(write, f"writing {path}")
     return path

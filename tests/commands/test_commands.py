@@ -47,8 +47,37 @@ def test_generate_writes_jsonl_with_judge_scores(sft_run, reviews_task, tmp_path
     assert summary["samples"] == 24 and "sentiment" in summary and "length" in summary
 
 
+def test_segment_len_reaches_the_sampler(sft_run, reviews_task, tmp_path, monkeypatch):
+    """The commands' `segment_len` gin knob ends up in the `SamplingConfig` they sample with."""
+    seen = []
+    real = policy_eval.SamplingConfig
+
+    def spy(**kw):
+        seen.append(kw.get("segment_len"))
+        return real(**kw)
+
+    monkeypatch.setattr(policy_eval, "SamplingConfig", spy)
+    prompts = f"--gin.PROMPTS='{reviews_task.prompts_path}'"
+    code = run_cli(
+        "generate",
+        f"--gin.CHECKPOINT='{sft_run}'",
+        prompts,
+        f"--gin.OUTPUT='{tmp_path / 'gen.jsonl'}'",
+        *_cmd_bindings("generate_command", "limit=2", "judge=None", "segment_len=5"),
+    )
+    assert code == 0 and seen == [5]
+    code = run_cli(
+        "make-preferences",
+        f"--gin.CHECKPOINT='{sft_run}'",
+        prompts,
+        f"--gin.PREFERENCES='{tmp_path / 'prefs'}'",
+        *_cmd_bindings("make_preferences_command", "limit=4", "segment_len=7"),
+    )
+    assert code == 0 and seen == [5, 7]
+
+
 def test_generate_segment_len_gives_the_same_samples(sft_run, reviews_task, tmp_path):
-    """`generate_command.segment_len` (a gin knob) changes the loop, not the samples."""
+    """`generate_command.segment_len` changes the decode loop, not the samples."""
     rows = {}
     for seg in (0, 3):
         out = tmp_path / f"gen{seg}.jsonl"
@@ -266,33 +295,36 @@ def test_bad_command_settings_exit_2(tmp_path, capsys):
         ],
         "unknown judge",
     )
-
-
-def test_commands_in_two_processes_match_one_process(sft_run, reviews_task, tmp_path):
-    """generate and make-preferences in a 2-process job (gloo, 2 fake devices each) write the
-    same files as a 1-process job; every process returns only once the files exist."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    worker = REPO / "tests/commands/multiprocess_worker.py"
-    prompts = str(reviews_task.prompts_path)
-
-    def launch(pid: int, nproc: int, out) -> subprocess.Popen:
-        args = [str(pid), str(nproc), port, str(sft_run), prompts, str(out)]
-        return subprocess.Popen(
-            [sys.executable, str(worker), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    for command, knob in (("generate", "segment_len"), ("make-preferences", "top_k")):
+        name = "generate_command" if command == "generate" else "make_preferences_command"
+        _assert_exit_2(
+            capsys,
+            [
+                command,
+                f"--gin.CHECKPOINT='{tmp_path}'",
+                f"--gin.PROMPTS='{tmp_path}'",
+                *([f"--gin.PREFERENCES='{tmp_path / 'out'}'"] if command != "generate" else []),
+                f"--gin.{name}.{knob}=-1",
+            ],
+            f"{name}.{knob}=-1 must be >= 0",
         )
 
-    procs = [launch(i, 2, tmp_path / "two") for i in range(2)]
-    single = launch(0, 1, tmp_path / "one")
-    for p in [*procs, single]:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
+
+def test_commands_in_two_processes_match_one_process(
+    sft_run, reviews_task, tmp_path, run_workers, free_port
+):
+    """generate and make-preferences in a 2-process job (gloo, 2 fake devices each) write the
+    same files as a 1-process job; every process returns only once the files exist."""
+    port, worker = str(free_port()), str(REPO / "tests/commands/multiprocess_worker.py")
+    prompts = str(reviews_task.prompts_path)
+
+    def argv(pid: int, nproc: int, out) -> list[str]:
+        return [worker, str(pid), str(nproc), port, str(sft_run), prompts, str(out)]
+
+    run_workers(
+        [argv(0, 2, tmp_path / "two"), argv(1, 2, tmp_path / "two"), argv(0, 1, tmp_path / "one")],
+        timeout=600,
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     rows_one, rows_two = (
         [json.loads(line) for line in (d / "gen.jsonl").read_text().splitlines()]
