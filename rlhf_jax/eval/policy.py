@@ -327,8 +327,9 @@ def summarize(rows: list[Row], keys: Sequence[str]) -> dict[str, float]:
 def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
     """Writes rows as JSONL, atomically (a temporary file renamed into place).
 
-    In a multi-process job only process 0 writes (every process holds the same rows); every
-    process returns once the file is in place, and raises if the write failed.
+    In a multi-process job every process must call it (it is a collective): only process 0
+    writes (every process holds the same rows); every process returns once the file is in
+    place, and raises if the write failed.
     """
     path = Path(path)
 
