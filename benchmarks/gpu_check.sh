@@ -8,6 +8,8 @@
 #
 # .whl/ holds py3.12 wheels the device lacks (gin-config, datasets, dill, multiprocess,
 # tensorboardX, vaderSentiment, alt-profanity-check); it is git-ignored via .git/info/exclude.
+# On a fresh clone: pip download --no-deps --only-binary :all: --python-version 3.12 -d .whl \
+#   gin-config datasets dill multiprocess tensorboardX vaderSentiment alt-profanity-check
 set -u
 BUDGET=${BUDGET:-570}
 OUT=${OUT:-/tmp/out}
