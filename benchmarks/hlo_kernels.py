@@ -30,8 +30,6 @@ NO_LAUNCH = {
     "opt-barrier",
     "add-dependency",
     "iota",  # folded into consumers on GPU when it survives as an operand
-    "async-done",  # the work is counted once, at its async-start
-    "async-update",
 }
 CONTROL = {"while", "conditional", "call", "async-start"}
 

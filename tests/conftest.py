@@ -1,5 +1,5 @@
-"""Test set-up: 8 fake CPU devices before jax is imported, a clean gin registry per test, and
-a runner for multi-process worker scripts."""
+"""Test set-up: 8 fake CPU devices before jax is imported, a persistent compilation cache, a
+clean gin registry per test, and a runner for multi-process worker scripts."""
 
 import os
 import socket
@@ -14,9 +14,21 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent XLA compilation cache for the whole session (and its subprocesses, through the
+# variable): many tests compile the same tiny programs, and a cached executable is the
+# compiler's own output for the same program, so results are unchanged.
+os.environ.setdefault(
+    "RLHF_JAX_TEST_COMPILE_CACHE",
+    os.path.join(__import__("tempfile").gettempdir(), "rlhf_jax_test_xla_cache"),
+)
 
 import gin  # noqa: E402
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["RLHF_JAX_TEST_COMPILE_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import gin
 
-from rlhf_jax.data.batching import BatchIterator
+from rlhf_jax.data.batching import BatchIterator, CollateFn
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.data.preference import build_preference_dataset
 from rlhf_jax.data.prompts import build_prompt_dataset
@@ -74,19 +74,28 @@ def _processes(index: int | None, count: int | None) -> tuple[int, int]:
     return index, count
 
 
-def _iterators(
-    built: dict[str, TokenizedDataset],
+def train_and_eval_iterators(
+    built: Mapping[str, TokenizedDataset],
     *,
     batch_size: int,
     eval_batch_size: int | None,
     buckets: Sequence[int],
     seed: int,
-    process_index: int | None,
-    process_count: int | None,
+    collate_fn: CollateFn | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> tuple[BatchIterator, BatchIterator | None]:
+    """The shuffled train iterator of `built["train"]` and, when there is an eval split, the
+    in-order eval iterator of `built["eval"]` (process layout: from jax unless given)."""
     pi, pc = _processes(process_index, process_count)
     train = BatchIterator(
-        built["train"], batch_size, buckets, seed, process_index=pi, process_count=pc
+        built["train"],
+        batch_size,
+        buckets,
+        seed,
+        collate_fn=collate_fn,
+        process_index=pi,
+        process_count=pc,
     )
     ev = None
     if "eval" in built:
@@ -94,6 +103,7 @@ def _iterators(
             built["eval"],
             eval_batch_size or batch_size,
             buckets,
+            collate_fn=collate_fn,
             process_index=pi,
             process_count=pc,
         )
@@ -171,7 +181,7 @@ def make_sft_iterator(
         )
         for name, ds in splits.items()
     }
-    train, ev = _iterators(
+    train, ev = train_and_eval_iterators(
         built,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
@@ -235,7 +245,7 @@ def make_preference_iterator(
         )
         for name, ds in splits.items()
     }
-    train, ev = _iterators(
+    train, ev = train_and_eval_iterators(
         built,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
@@ -295,7 +305,7 @@ def make_prompt_iterator(
         )
         for name, ds in splits.items()
     }
-    train, ev = _iterators(
+    train, ev = train_and_eval_iterators(
         built,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from rlhf_jax import partitioning
 from rlhf_jax.data.batching import BatchIterator, collate_preference
 from rlhf_jax.data.examples import TokenizedDataset
+from rlhf_jax.data.pipeline import train_and_eval_iterators
 from rlhf_jax.data.preference import build_preference_dataset
 from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
@@ -222,26 +223,14 @@ def reward_preference_data(
         built[name] = _with_extras(tokenized, ds, _float_column(ds, margin_col), extras)
     extra_names = sorted(extra_names or ())
     collate = functools.partial(collate_reward_pairs, pad_id=tok.pad_id, extras=extra_names)
-    pi, pc = jax.process_index(), jax.process_count()
-    train = BatchIterator(
-        built["train"],
-        batch_size,
-        buckets,
-        seed,
+    train, ev = train_and_eval_iterators(
+        built,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        buckets=buckets,
+        seed=seed,
         collate_fn=collate,
-        process_index=pi,
-        process_count=pc,
     )
-    ev = None
-    if "eval" in built:
-        ev = BatchIterator.for_eval(
-            built["eval"],
-            eval_batch_size or batch_size,
-            buckets,
-            collate_fn=collate,
-            process_index=pi,
-            process_count=pc,
-        )
     summary = {f"data/{k}_pairs": len(v) for k, v in built.items()}
     summary["data/columns"] = ",".join(extra_names) or "none"
     return RewardData(

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import gin
 import pytest
-from dpo_helpers import file_lock, write_review_preferences
+from dpo_helpers import write_review_preferences
+from support import file_lock, xdist_shared_dir
 
 
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory) -> Path:
     """A directory shared by all xdist workers of this session."""
-    root = tmp_path_factory.getbasetemp()
-    if root.name.startswith("popen-gw"):
-        root = root.parent
-    return root / "dpo_shared"
+    return xdist_shared_dir(tmp_path_factory, "dpo_shared")
 
 
 @pytest.fixture(scope="session")

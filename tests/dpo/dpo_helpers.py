@@ -1,18 +1,9 @@
 """Helpers of the DPO tests: random preference batches, tiny train states and compiled steps
-shared within a session, a file lock, and preference pairs made from the reviews corpus.
-
-Like tests/train/runtime_helpers.py, this turns on jax's persistent compilation cache (the same
-directory, RLHF_JAX_TEST_COMPILE_CACHE): the stage tests compile the same programs in several
-runs, and a cached executable is the compiler's own output for the same program.
-"""
+shared within a session, and preference pairs made from the reviews corpus."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -26,13 +17,6 @@ from rlhf_jax.models import model_config
 from rlhf_jax.steps.dpo import DPOConfig, dpo_step
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import make_optimizer
-
-CACHE_DIR = os.environ.setdefault(
-    "RLHF_JAX_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "rlhf_jax_test_xla_cache")
-)
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 VOCAB, SEQ = 64, 24
 
@@ -128,17 +112,6 @@ def cached_dpo_step(cfg: DPOConfig, mesh_name: str, with_ref: bool = True):
 
 
 # ----------------------------------------------------------------------------- on-disk data
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 POS = set(

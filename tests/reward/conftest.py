@@ -10,21 +10,18 @@ from pathlib import Path
 import gin
 import pytest
 from rm_helpers import (
-    file_lock,
     rm_cli_args,
     tiny_config,
     write_review_preferences,
     write_sft_run,
 )
+from support import file_lock, xdist_shared_dir
 
 
 @pytest.fixture(scope="session")
 def rm_shared(tmp_path_factory) -> Path:
     """A directory shared by all xdist workers of this session."""
-    root = tmp_path_factory.getbasetemp()
-    if root.name.startswith("popen-gw"):
-        root = root.parent
-    return root / "reward_shared"
+    return xdist_shared_dir(tmp_path_factory, "reward_shared")
 
 
 @pytest.fixture(scope="session")

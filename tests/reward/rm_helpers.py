@@ -3,8 +3,6 @@ sentiment judge, random preference batches, a stand-in SFT run directory, and ji
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 from pathlib import Path
 
@@ -22,18 +20,6 @@ from rlhf_jax.train.optim import make_optimizer
 
 VOCAB, SEQ = 64, 16
 TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock shared by the xdist workers (one builds, the others wait and reuse)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_review_preferences(

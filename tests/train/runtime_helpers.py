@@ -1,30 +1,16 @@
-"""Helpers for the runtime tests: a tiny synthetic SFT config, CLI subprocesses, and a
-persistent XLA compilation cache shared by this test session's processes.
-
-Many tests compile the same tiny programs (in-process runs and `rlhf-jax train` subprocesses);
-the on-disk cache turns every compile after the first into a load. Cached executables are the
-compiler's own output for the same program, so results are unchanged.
-"""
+"""Helpers for the runtime tests: a tiny synthetic SFT config and CLI subprocesses, which share
+the session's persistent compilation cache (tests/conftest.py) through the environment."""
 
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import gin
-import jax
 
 from rlhf_jax import gin_utils
 
 REPO = Path(__file__).resolve().parents[2]
-
-CACHE_DIR = os.environ.setdefault(
-    "RLHF_JAX_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "rlhf_jax_test_xla_cache")
-)
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # A 1-layer model on 16-token synthetic rows: every run compiles in seconds.
 TINY_SFT_GIN = """
@@ -71,7 +57,7 @@ def cli_env() -> dict:
     if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["RLHF_JAX_TEST_COMPILE_CACHE"]
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
