@@ -34,9 +34,9 @@ from rlhf_jax.data.errors import DataError, TokenizerError
 from rlhf_jax.data.examples import RowReader
 from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tasks import judges
+from rlhf_jax.errors import UserError
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.eval.policy import Judge, Policy, Row
-from rlhf_jax.gin_utils import GinConfigError
 from rlhf_jax.train.checkpoint import CheckpointRestoreError
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,8 @@ TASK_JUDGES: dict[str, Judge] = {"reviews": judges.score_texts}
 TRAIN_FILE, EVAL_FILE, META_FILE = "train.parquet", "eval.parquet", "preferences.json"
 
 
-class CommandError(GinConfigError):
-    """A user error in a command's inputs or settings (exit code 2 in the CLI).
-
-    It is a `GinConfigError` (the settings and paths are gin bindings) rather than a
-    `cli.CLIError`: under `python -m rlhf_jax.cli` the CLI module runs as `__main__`, whose
-    `CLIError` is a different class from the one this module could import.
-    """
+class CommandError(UserError):
+    """A user error in a command's inputs or settings (exit code 2 in the CLI)."""
 
 
 @contextlib.contextmanager

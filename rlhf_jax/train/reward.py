@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax import partitioning
+from rlhf_jax import partitioning, settings
 from rlhf_jax.data.batching import BatchIterator, collate_preference
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.data.pipeline import train_and_eval_iterators
@@ -57,7 +57,6 @@ from rlhf_jax.train.checkpoint import (
     load_params,
     read_model_info,
     resolve_run_dir,
-    write_model_info,
 )
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
@@ -403,9 +402,18 @@ def reward_stage(
       lr_scale, label_smoothing, center_coef, margin_scale, debug_nan_step: traced
         hyperparameters (`steps.reward.RewardHParams`).
     """
+    loop_cfg = LoopConfig()
+    stages.check_stage_settings(
+        run_dir=run_dir, seed=seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+        lr_scale=lr_scale, init_from=init_from, stage="reward_stage",
+    )  # fmt: skip
+    settings.positive_int("reward_stage.num_heads (NUM_HEADS)", num_heads)
+    settings.positive_int("reward_stage.ece_bins", ece_bins)
+    settings.in_range("reward_stage.label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    settings.nonneg_float("reward_stage.center_coef", center_coef)
+    settings.finite("reward_stage.margin_scale", margin_scale)
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
-        loop_cfg = LoopConfig()
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
         policy_info = read_model_info(resolve_run_dir(init_from)) if init_from else None
@@ -423,9 +431,10 @@ def reward_stage(
         factory, _ = reward_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, num_heads=num_heads, init_from=init_from
         )
-        write_model_info(
+        stages.record_model(
             run_dir_path,
             cfg,
+            stage="reward_stage",
             tokenizer_path=rm_data.tokenizer_path,
             model_class="ScalarModel",
             model_kwargs={"num_heads": num_heads},
