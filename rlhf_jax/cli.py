@@ -174,8 +174,19 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def _quiet_closed_event_loops(unraisable) -> None:
+    """Drops the "Event loop is closed" errors that orbax's background threads leave behind
+    when a failed restore shuts them down early (noise after the real message); everything
+    else goes to Python's default hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    sys.unraisablehook = _quiet_closed_event_loops
     args, bindings = parse_args(argv)
     if not args.command:
         print(

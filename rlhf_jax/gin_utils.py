@@ -8,6 +8,7 @@ names the file and line or the binding; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import tokenize
 from collections.abc import Sequence
@@ -83,6 +84,28 @@ def _format_binding(b: str) -> str:
     return b if "=" in b else f"{b} (a binding needs KEY=VALUE)"
 
 
+class _IncludeSearchNoise(logging.Filter):
+    """Drops gin's log lines while it tries include paths relative to the working directory
+    before the repository root ("Path not found: gin/..." at ERROR for a file it then finds)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Path not found:") or msg.startswith("system_path_file_exists"))
+
+
+def _parse_files(files: Sequence[str]) -> None:
+    for f in files:
+        try:
+            gin.parse_config_file(f)
+        except (SyntaxError, tokenize.TokenError) as e:
+            line = getattr(e, "lineno", None)
+            if isinstance(e, tokenize.TokenError) and len(e.args) > 1:
+                line = e.args[1][0]
+            raise GinConfigError(f"gin syntax error in {f}, line {line}: {e.args[0]}") from None
+        except (ValueError, OSError, KeyError) as e:
+            raise GinConfigError(f"in gin file {f}: {e}") from None
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     """Parses files then bindings (later ones win) and validates macros.
 
@@ -96,16 +119,12 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             raise GinConfigError(f"bad binding {b!r}: expected KEY=VALUE")
     # Includes inside files are resolved relative to the repo root as well.
     gin.add_config_file_search_path(str(REPO_ROOT))
-    for f in files:
-        try:
-            gin.parse_config_file(f)
-        except (SyntaxError, tokenize.TokenError) as e:
-            line = getattr(e, "lineno", None)
-            if isinstance(e, tokenize.TokenError) and len(e.args) > 1:
-                line = e.args[1][0]
-            raise GinConfigError(f"gin syntax error in {f}, line {line}: {e.args[0]}") from None
-        except (ValueError, OSError, KeyError) as e:
-            raise GinConfigError(f"in gin file {f}: {e}") from None
+    noise = _IncludeSearchNoise()
+    logging.getLogger().addFilter(noise)  # gin logs through the root logger
+    try:
+        _parse_files(files)
+    finally:
+        logging.getLogger().removeFilter(noise)
     file_macros = set(macros())
     for b in bindings:
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import gin_utils
+from rlhf_jax import atomic, gin_utils
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         "total_s": time.time() - t_start,
         "fast": fast,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic.write_json(out / "report.json", report, sort_keys=False)
     plot = plot_policies(
         results, out / "report.png", title=f"reviews task, {len(prompts)} held-out prompts"
     )

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import partitioning
+from rlhf_jax import atomic, partitioning
 from rlhf_jax.errors import RunDirMismatchError, UserError
 from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
 from rlhf_jax.steps.state import abstract_with_shardings
@@ -282,7 +282,7 @@ def write_model_info(
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{MODEL_INFO}.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
+        tmp.write_text(atomic.dumps(info, indent=2))
         os.replace(tmp, path)
     return path
 

@@ -22,7 +22,7 @@ from typing import Any
 import gin
 import numpy as np
 
-from rlhf_jax import partitioning, settings
+from rlhf_jax import partitioning, paths, settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.models import ModelConfig, model_config
@@ -158,7 +158,7 @@ def dpo_stage(
     on_long_prompt: str = "truncate",
     loss_type: str | Sequence[str] = "sigmoid",
     reference: str = "precomputed",
-    ref_cache_dir: str = ref_cache.DEFAULT_CACHE_DIR,
+    ref_cache_dir: str | None = ref_cache.DEFAULT_CACHE_DIR,
     grad_accum_steps: int = 1,
     logits_chunk_size: int = 128,
     beta: float = 0.1,
@@ -190,7 +190,8 @@ def dpo_stage(
       loss_type: a preference loss type or a tuple of them (see gin/algorithms/dpo.gin).
       reference: "precomputed" (cached reference log-probs) or "params" (frozen reference
         parameters in the state, run forward every step).
-      ref_cache_dir: the shared cache of precomputed reference log-probs (REF_CACHE_DIR).
+      ref_cache_dir: the shared cache of precomputed reference log-probs (REF_CACHE_DIR; None:
+        `$RLHF_JAX_CACHE/ref_cache`, by default ~/.cache/rlhf_jax/ref_cache).
       grad_accum_steps, logits_chunk_size: static step settings (`DPOConfig`).
       beta, label_smoothing, gamma, tau, orpo_lambda, loss_weights, bco_delta: traced loss
         hyperparameters (`DPOHParams`).
@@ -246,14 +247,18 @@ def dpo_stage(
         )  # fmt: skip
         stages.record_model(run_dir_path, cfg, stage="dpo_stage", tokenizer_path=tok.path)
 
-        summary_extra: dict[str, Any] = {}
+        summary_extra: dict[str, Any] = stages.truncation_summary(
+            {"train": getattr(train_it, "stats", None), "eval": getattr(eval_it, "stats", None)}
+        )
         if step_cfg.needs_reference and reference == "precomputed":
+            cache_dir = ref_cache_dir or paths.cache_dir("ref_cache")
             splits = {"train": train_it, **({"eval": eval_it} if eval_it is not None else {})}
-            splits, summary_extra = precompute_reference(
-                splits, cache_dir=ref_cache_dir, lengths=lengths, init_from=init_from,
+            splits, ref_info = precompute_reference(
+                splits, cache_dir=cache_dir, lengths=lengths, init_from=init_from,
                 fresh_params=lambda: factory.init().params, graphdef=graphdef, model_cfg=cfg,
                 batch_size=batch_size, mesh=mesh, rules=rules, chunk_size=logits_chunk_size,
             )  # fmt: skip
+            summary_extra.update(ref_info)
             train_it, eval_it = splits["train"], splits.get("eval")
 
         spec = LoopSpec(

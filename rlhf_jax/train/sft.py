@@ -118,10 +118,12 @@ def pipeline_sft_data(batch_size: int, seed: int = 0, baseline: bool = True) -> 
     from rlhf_jax.data import BatchIterator, make_sft_iterator
 
     train, ev, tok = make_sft_iterator(batch_size=batch_size, seed=seed)
-    summary = {}
+    summary = stages.truncation_summary(
+        {"train": train.stats, "eval": ev.stats if ev is not None else None}
+    )
     if baseline and ev is not None:
         one_pass = BatchIterator.for_eval(train.examples, batch_size, train.buckets)
-        summary = unigram_baseline(one_pass, ev, tok.vocab_size)
+        summary.update(unigram_baseline(one_pass, ev, tok.vocab_size))
     return SFTData(
         train=train,
         eval=(lambda: iter(ev)) if ev is not None else None,

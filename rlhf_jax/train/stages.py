@@ -118,6 +118,29 @@ def record_model(
     write_model_info(run_dir, cfg, stage=stage, **kwargs)
 
 
+TRUNCATION_STATS = (
+    "long_prompt_truncated",
+    "long_prompt_dropped",
+    "completion_truncated",
+    "bad_rows",
+)
+
+
+def truncation_summary(stats_by_split: dict[str, dict[str, int] | None]) -> dict[str, int]:
+    """summary.json entries `data/<split>/<count>` for rows truncated, dropped or skipped while
+    tokenising, logged as well when any is non-zero: a long input is never cut silently."""
+    out = {}
+    for split, stats in stats_by_split.items():
+        if not stats:
+            continue
+        for key in TRUNCATION_STATS:
+            out[f"data/{split}/{key}"] = int(stats.get(key, 0))
+        cut = {k: stats.get(k, 0) for k in TRUNCATION_STATS if stats.get(k, 0)}
+        if cut:
+            log.warning("%s split: %s of %d rows", split, cut, stats.get("rows", 0))
+    return out
+
+
 def _is_bound(selector: str) -> bool:
     try:
         gin.query_parameter(selector)

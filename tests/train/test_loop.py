@@ -70,7 +70,8 @@ def test_nonfinite_skip_policy(tmp_path):
     result = run_tiny_sft(tmp_path / "run", 6, "sft_stage.debug_nan_step = 3")
     assert result.status == "done"
     records = {r["step"]: r for r in read_metrics(tmp_path / "run")}
-    assert np.isnan(records[4]["train/loss"])  # the record of step index 3
+    # the record of step index 3: strict JSON, the reason beside the null
+    assert records[4]["train/loss"] is None and records[4]["train/loss/nonfinite"] == "nan"
     assert records[4]["train/nonfinite/skipped"] == 1
     assert np.isfinite(records[6]["train/loss"])
     assert result.summary["nonfinite/skipped"] == 1

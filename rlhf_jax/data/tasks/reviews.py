@@ -34,6 +34,7 @@ import gin
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from rlhf_jax import atomic
 from rlhf_jax.data.tasks import vocab as V
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -402,7 +403,7 @@ def build_reviews_task(
         },
     }
     meta_tmp = out / f".task-{uuid.uuid4().hex}.json"
-    meta_tmp.write_text(json.dumps(stored, indent=2))
+    meta_tmp.write_text(atomic.dumps(stored, indent=2))
     os.replace(meta_tmp, meta)  # written last: its presence with these settings means "built"
     log.info("built reviews task in %s: %s", out, stored["sizes"])
     return ReviewsTask(str(out), stored)
