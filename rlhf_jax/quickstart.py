@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import atomic, gin_utils
+from rlhf_jax import atomic, gin_utils, settings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     from rlhf_jax.data.tasks.reviews import build_reviews_task
     from rlhf_jax.eval.plots import plot_policies
 
-    out = Path(out_dir)
+    out = settings.writable_dir("--out_dir", out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"== reviews task -> {out / 'task'}", flush=True)
