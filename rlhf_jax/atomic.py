@@ -56,6 +56,19 @@ def strict(obj: Any) -> Any:
     return obj
 
 
+def restore_nonfinite(record: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `strict` on one flat record: `KEY: null, KEY/nonfinite: "nan"` back to
+    `KEY: nan` (for readers that want the numbers)."""
+    out = dict(record)
+    for k, v in record.items():
+        if k.endswith(NONFINITE_SUFFIX) and v in ("nan", "inf", "-inf"):
+            base = k[: -len(NONFINITE_SUFFIX)]
+            if out.get(base) is None:
+                out[base] = float(v)
+                del out[k]
+    return out
+
+
 def dumps(obj: Any, **kwargs: Any) -> str:
     """Strict JSON text (`allow_nan=False` after `strict`)."""
     return json.dumps(strict(obj), allow_nan=False, **kwargs)

@@ -63,7 +63,8 @@ class LoopConfig:
       progress_bar: show tqdm on process 0.
       tensorboard: also write RUN_DIR/tb/.
       fault_signal / fault_signal_step: test hook: send this signal (e.g. "SIGKILL") to the
-        process just before running step `fault_signal_step`.
+        process just before running step `fault_signal_step` (= train_steps: after the final
+        checkpoint, before summary.json).
     """
 
     train_steps: int = 100
@@ -92,7 +93,8 @@ def validate_loop_config(cfg: LoopConfig) -> None:
     settings.positive_int(n + "train_steps (TRAIN_STEPS)", cfg.train_steps)
     settings.positive_int(n + "log_every", cfg.log_every)
     settings.nonneg_int(n + "eval_every (EVAL_EVERY)", cfg.eval_every)
-    settings.optional_positive_int(n + "eval_batches", cfg.eval_batches)
+    if cfg.eval_batches is not None:
+        settings.nonneg_int(n + "eval_batches", cfg.eval_batches)
     settings.nonneg_int(n + "checkpoint_every (CHECKPOINT_EVERY)", cfg.checkpoint_every)
     settings.positive_int(n + "keep_last", cfg.keep_last)
     settings.nonneg_int(n + "keep_best", cfg.keep_best)
@@ -397,6 +399,8 @@ class _Run:
                 bar.update(1)
                 self.after_step(thr, bar)
         self.ckpt.wait()
+        if cfg.fault_signal and self.step == cfg.fault_signal_step:
+            faults.inject_signal(cfg.fault_signal)  # after the final checkpoint, before summary
         return self.finish(time.time() - t0 + self.prior_wall_s)
 
     def train_step(self, thr: Throughput) -> None:

@@ -83,13 +83,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 def read_metrics(run_dir: str | os.PathLike, dedup: bool = True) -> list[dict[str, Any]]:
     """The records of `RUN_DIR/metrics.jsonl`; with `dedup`, the last record of each step wins
-    (a resumed run re-logs the steps after its checkpoint). Torn last lines are skipped."""
+    (a resumed run re-logs the steps after its checkpoint). Torn last lines are skipped.
+
+    The file is strict JSON (a non-finite value is null with `KEY/nonfinite` beside it); the
+    records come back with the float values ("nan", "inf", "-inf") in place."""
     path = Path(run_dir) / "metrics.jsonl"
     records = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                records.append(atomic.restore_nonfinite(json.loads(line)))
             except json.JSONDecodeError:
                 continue
     if not dedup:

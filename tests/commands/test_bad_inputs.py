@@ -199,7 +199,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _sft(c, "--gin.CHECKPOINT_EVERY=-2"),
         "checkpoint_every",
     ),
-    "eval_batches_zero": (lambda c: _sft(c, "--gin.LoopConfig.eval_batches=0"), "eval_batches"),
+    "eval_batches_zero": (lambda c: _sft(c, "--gin.LoopConfig.eval_batches=-1"), "eval_batches"),
     "grad_accum_zero": (lambda c: _sft(c, "--gin.GRAD_ACCUM_STEPS=0"), "grad_accum_steps"),
     "grad_accum_indivisible": (lambda c: _sft(c, "--gin.GRAD_ACCUM_STEPS=3"), "divisible"),
     "unknown_schedule": (lambda c: _sft(c, "--gin.LR_SCHEDULE='zigzag'"), "zigzag"),

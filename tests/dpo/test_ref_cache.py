@@ -127,7 +127,8 @@ def test_iterator_carries_reference_fields():
     np.testing.assert_array_equal(last["ref_chosen_logps"][4:], 0.0)
     with pytest.raises(TypeError, match="preference"):
         with_reference(iter([]), chosen, rejected)
-    assert ref_cache.DEFAULT_CACHE_DIR == "runs/ref_cache"
+    # The default cache lives under $RLHF_JAX_CACHE (never relative to the working directory).
+    assert ref_cache.DEFAULT_CACHE_DIR is None
 
 
 def test_precompute_reference_without_checkpoint(tmp_path):
