@@ -230,7 +230,8 @@ class Checkpointer:
             rng = jax.random.wrap_key_data(r.aux["rng"], impl=jax.random.key_impl(rng_template))
             return Restored(step, state, r.aux["hparams"], rng, dict(r.meta or {}))
         raise CheckpointRestoreError(
-            f"no checkpoint under {self.directory} could be restored:\n  " + "\n  ".join(errors)
+            f"no checkpoint under {self.directory} could be restored (a different model, data "
+            "or batch size than the run was started with?): " + "; ".join(errors)
         )
 
     def _quarantine(self, steps: list[int]) -> None:

@@ -133,10 +133,10 @@ class MetricsWriter:
         self._file = None
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        if tensorboard:
-            self._tb = _summary_writer(self.run_dir / "tb")
+        # Opened at the first record, not here: a run refused while starting (e.g. no
+        # checkpoint restores) leaves no new event file behind.
+        self._tensorboard = tensorboard
 
     def truncate_after(self, step: int) -> None:
         """Drops records after `step` (and any torn line) before a resumed run appends.
@@ -157,7 +157,10 @@ class MetricsWriter:
         record = {"step": int(step), "time": time.time()}
         record.update({k: to_python(v) for k, v in metrics.items()})
         if self._file is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a")
+            if self._tensorboard:
+                self._tb = _summary_writer(self.run_dir / "tb")
         self._file.write(atomic.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:

@@ -250,6 +250,10 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "n_layers",
     ),
     "rerun_other_stage": (lambda c: _rm(c, c.prefs, run_dir=c.run), "model_class"),
+    "rerun_other_batch_size": (
+        lambda c: _sft(c, "--gin.BATCH_SIZE=16", run_dir=c.run),
+        "batch_size=8 but this iterator has 16",
+    ),
     "run_dir_in_use": (_busy(lambda c: _sft(c, run_dir=c.run)), "in use"),
     # ---- train: data files (reward model on a preferences folder)
     "prefs_missing_train_file": (_bad_prefs("no_train"), "no train file"),
