@@ -170,7 +170,7 @@ class Checkpointer:
             params=ocp.args.StandardSave(state.params),
             state=ocp.args.StandardSave(state.replace(params=None)),
             aux=ocp.args.StandardSave({"hparams": hparams, "rng": jax.random.key_data(rng)}),
-            meta=ocp.args.JsonSave(dict(meta)),
+            meta=ocp.args.JsonSave(atomic.strict(dict(meta))),  # strict JSON, as every file
         )
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlhf_jax import gin_utils, partitioning, settings
+from rlhf_jax import atomic, gin_utils, partitioning, settings
 from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, replicated
@@ -232,9 +232,10 @@ class _Run:
         self.rng = jax.device_put(restored.rng, self.rep)
         self.last_saved = restored.step
         self.known_skipped = int(restored.state.nonfinite.skipped)
-        self.last_eval = restored.meta.get("eval_metrics") or {}
+        # The meta is strict JSON: non-finite metrics come back as floats.
+        self.last_eval = atomic.restore_nonfinite(restored.meta.get("eval_metrics") or {})
         done = restored.meta.get("summary_state") or {}
-        self.last_train = done.get("last_train") or {}
+        self.last_train = atomic.restore_nonfinite(done.get("last_train") or {})
         if self.step >= self.cfg.train_steps and done:
             # The final checkpoint: the summary a kill before summary.json lost is rebuilt
             # from what the finished process knew, so it equals an uninterrupted run's.
