@@ -254,6 +254,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _sft(c, "--gin.BATCH_SIZE=16", run_dir=c.run),
         "batch_size=8 but this iterator has 16",
     ),
+    "reviews_dir_is_file": (
+        lambda c: _sft(c, f"--gin.REVIEWS_DIR='{c.plain_file}'"),
+        "REVIEWS_DIR",
+    ),
+    "reviews_num_texts_zero": (lambda c: _sft(c, "--gin.REVIEWS_NUM_TEXTS=0"), "num_texts"),
     "run_dir_in_use": (_busy(lambda c: _sft(c, run_dir=c.run)), "in use"),
     # ---- train: data files (reward model on a preferences folder)
     "prefs_missing_train_file": (_bad_prefs("no_train"), "no train file"),
@@ -490,7 +495,13 @@ def _subprocess(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize(
-    "name", ["train_steps_negative", "rerun_other_d_model", "gen_checkpoint_reward_run"]
+    "name",
+    [
+        "train_steps_negative",
+        "rerun_other_d_model",
+        "rerun_other_batch_size",  # a failed restore: no "Event loop is closed" noise
+        "gen_checkpoint_reward_run",
+    ],
 )
 def test_real_process_exit_2_without_traceback(name, ctx):
     build, expected = CASES[name]
