@@ -520,3 +520,21 @@ def test_real_process_exit_2_without_traceback(name, ctx):
 def test_real_process_no_command():
     r = _subprocess([])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no command" in r.stderr
+
+
+def test_malformed_multi_host_environment_exits_2(monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_JAX_NUM_PROCESSES", "two")
+    code, err = _run_in_process(["info", "--gin_file", INFO_GIN], capsys)
+    assert code == 2 and "RLHF_JAX_NUM_PROCESSES='two'" in err and "Traceback" not in err
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    """Only user errors become exit 2: a bug is not hidden behind a one-line message."""
+    from rlhf_jax import registry
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(registry, "info", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["info", "--gin_file", INFO_GIN])
