@@ -37,7 +37,7 @@ from rlhf_jax.data.tasks import judges
 from rlhf_jax.errors import SettingsError, UserError
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.eval.policy import Judge, Policy, Row
-from rlhf_jax.train.checkpoint import MODEL_INFO
+from rlhf_jax.train.checkpoint import MODEL_INFO, resolve_run_dir
 from rlhf_jax.train.faults import RunLock
 
 log = logging.getLogger(__name__)
@@ -183,22 +183,27 @@ def generate_command(
         settings.writable_file("generate_command.output (OUTPUT)", output)
     judge_fn = resolve_judge(judge)
     texts = _read_prompts(prompts, split, limit)
-    pol = _load_policy(checkpoint)
-    rows = policy_eval.sample(
-        pol,
-        texts,
-        max_new_tokens=max_new_tokens,
-        num_samples=num_samples,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        batch_size=batch_size,
-        segment_len=segment_len,
-    )
-    judge_fields = policy_eval.score(rows, judge_fn)
-    out = Path(output) if output else pol.run_dir / "generations.jsonl"
+    if output:
+        out = Path(output)
+    else:
+        with _user_errors(f"cannot load the policy from CHECKPOINT={str(checkpoint)!r}"):
+            out = resolve_run_dir(checkpoint) / "generations.jsonl"
+    # Taken before sampling: a busy run directory is refused before the expensive work.
     with lock_enclosing_run_dir(out):
+        pol = _load_policy(checkpoint)
+        rows = policy_eval.sample(
+            pol,
+            texts,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            batch_size=batch_size,
+            segment_len=segment_len,
+        )
+        judge_fields = policy_eval.score(rows, judge_fn)
         policy_eval.write_jsonl(out, rows)
     log.info("wrote %d generations to %s", len(rows), out)
     print(atomic.dumps(policy_eval.summarize(rows, [*judge_fields, "length"])))

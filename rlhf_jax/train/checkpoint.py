@@ -409,6 +409,8 @@ class LoadedModel(NamedTuple):
 
 def _resolve(path: Path, step: int | None) -> tuple[Path, Path, int | None]:
     """(run_dir, checkpoints_dir, step) from a run dir, a checkpoints dir or a step dir."""
+    if not path.exists():
+        raise NotARunDirError(f"{path} does not exist")
     if (path / MODEL_INFO).exists():
         return path, path / CHECKPOINT_DIR, step
     if path.name.isdigit() and (path / "params").exists():
