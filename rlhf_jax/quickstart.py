@@ -168,10 +168,11 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     plot = plot_policies(
         results, out / "report.png", title=f"reviews task, {len(prompts)} held-out prompts"
     )
-    (out / "report.md").write_text(
+    atomic.write_text(
+        out / "report.md",
         f"# rlhf-jax quickstart\n\n{len(prompts)} held-out prompts, samples at temperature 1; "
         "KL is the k1 estimate of KL(policy ‖ SFT) per sequence.\n\n" + table + "\n\n"
-        f"![gold scores against KL to SFT]({plot.name})\n"
+        f"![gold scores against KL to SFT]({plot.name})\n",
     )
     print("\n" + table + "\n")
     print(
