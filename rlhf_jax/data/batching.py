@@ -24,6 +24,7 @@ process agrees on the shape and a step compiles at most once per bucket.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,7 +285,16 @@ class BatchIterator:
             "num_examples": len(self.examples),
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
+            "data_hash": self.data_hash,
         }
+
+    @property
+    def data_hash(self) -> str:
+        """A fingerprint of the examples (their lengths, in order): a resumed run must see the
+        same data, not only the same number of rows."""
+        if getattr(self, "_data_hash", None) is None:
+            self._data_hash = hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16]
+        return self._data_hash
 
     def check_state_dict(self, state: Any, batches: int | None = None) -> None:
         """Checks a saved position before it is trusted: the keys and types, the same data and
@@ -300,7 +310,9 @@ class BatchIterator:
         for key in ("epoch", "position", "seed", "num_examples", "batch_size"):
             if not isinstance(state[key], int) or isinstance(state[key], bool):
                 raise DataError(f"iterator state has {key}={state[key]!r}; expected an integer")
-        for key in ("num_examples", "batch_size", "seed", "shuffle"):
+        for key in ("num_examples", "batch_size", "seed", "shuffle", "data_hash"):
+            if key == "data_hash" and key not in state:
+                continue  # saved before the fingerprint existed
             mine = self.state_dict()[key]
             if state[key] != mine:
                 raise DataError(

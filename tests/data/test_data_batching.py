@@ -182,6 +182,7 @@ def test_check_state_dict_refuses_corrupted_positions(examples):
         {**good, "position": 3},  # not a batch boundary
         {**good, "position": "8"},
         {**good, "seed": 4},
+        {**good, "data_hash": "0" * 16},  # the same number of rows, other data
         {**good, "epoch": -1},
         {k: v for k, v in good.items() if k != "epoch"},
         None,
