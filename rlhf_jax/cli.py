@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import gin
 
-from rlhf_jax import gin_utils
+from rlhf_jax import gin_utils, settings
+from rlhf_jax.errors import UserError
 
 log = logging.getLogger("rlhf_jax")
 
@@ -41,9 +42,9 @@ multi-host (or set RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES / RLHF_JAX_PROC
 """
 
 
-# A user error reported with exit code 2 (defined in gin_utils so that `python -m
+# A user error reported with exit code 2 (defined in rlhf_jax.errors so that `python -m
 # rlhf_jax.cli`, where this module is __main__, still catches the one class everyone raises).
-CLIError = gin_utils.GinConfigError
+CLIError = UserError
 
 
 def _quote_if_needed(binding: str) -> str:
@@ -120,7 +121,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         else:
             rest.append(a)
     args = build_parser().parse_args(rest)
-    bindings = [_quote_if_needed(b) for b in (*args.gin_bindings, *gin_flags)]
+    bindings = [_quote_if_needed(b) for b in (*getattr(args, "gin_bindings", []), *gin_flags)]
     return args, bindings
 
 
@@ -129,6 +130,12 @@ def _strip_gin_context(msg: str) -> str:
     return "\n".join(
         line for line in msg.splitlines() if not line.strip().startswith("In call to configurable")
     )
+
+
+def _one_message(e: BaseException) -> str:
+    """The user error's message without gin's context lines (and never empty)."""
+    msg = _strip_gin_context(str(e)).strip()
+    return msg or type(e).__name__
 
 
 def _is_gin_call_error(e: BaseException) -> bool:
@@ -140,9 +147,10 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     from rlhf_jax import partitioning
 
     gin.clear_config()  # in-process calls (tests, quickstart) start from a clean registry
-    partitioning.initialize_distributed(
+    coordinator, num_processes, process_id = settings.distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
+    partitioning.initialize_distributed(coordinator, num_processes, process_id)
     # generate / make-preferences start from their base file (which declares CHECKPOINT etc.),
     # so they work with bindings alone.
     base = {
@@ -166,11 +174,26 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def _quiet_closed_event_loops(unraisable) -> None:
+    """Drops the "Event loop is closed" errors that orbax's background threads leave behind
+    when a failed restore shuts them down early (noise after the real message); everything
+    else goes to Python's default hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    sys.unraisablehook = _quiet_closed_event_loops
     args, bindings = parse_args(argv)
     if not args.command:
-        build_parser().print_help()
+        print(
+            f"rlhf-jax: error: no command given; choose one of {', '.join(COMMANDS)} "
+            "(rlhf-jax --help lists them)",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -181,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return run_command(args, bindings)
-    except gin_utils.GinConfigError as e:
-        print(f"rlhf-jax: error: {_strip_gin_context(str(e))}", file=sys.stderr)
+    except UserError as e:
+        print(f"rlhf-jax: error: {_one_message(e)}", file=sys.stderr)
         return 2
     except (RuntimeError, TypeError, ValueError) as e:
         if _is_gin_call_error(e):

@@ -18,9 +18,9 @@ which the CLI reports with exit code 2 and one message.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,16 @@ import datasets
 import gin
 import numpy as np
 
-from rlhf_jax import partitioning
-from rlhf_jax.data.errors import DataError, TokenizerError
+from rlhf_jax import atomic, partitioning, settings
+from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.examples import RowReader
 from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tasks import judges
+from rlhf_jax.errors import SettingsError, UserError
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.eval.policy import Judge, Policy, Row
-from rlhf_jax.gin_utils import GinConfigError
-from rlhf_jax.train.checkpoint import CheckpointRestoreError
+from rlhf_jax.train.checkpoint import MODEL_INFO, resolve_run_dir
+from rlhf_jax.train.faults import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,8 @@ TASK_JUDGES: dict[str, Judge] = {"reviews": judges.score_texts}
 TRAIN_FILE, EVAL_FILE, META_FILE = "train.parquet", "eval.parquet", "preferences.json"
 
 
-class CommandError(GinConfigError):
-    """A user error in a command's inputs or settings (exit code 2 in the CLI).
-
-    It is a `GinConfigError` (the settings and paths are gin bindings) rather than a
-    `cli.CLIError`: under `python -m rlhf_jax.cli` the CLI module runs as `__main__`, whose
-    `CLIError` is a different class from the one this module could import.
-    """
+class CommandError(UserError):
+    """A user error in a command's inputs or settings (exit code 2 in the CLI)."""
 
 
 @contextlib.contextmanager
@@ -61,8 +57,29 @@ def _user_errors(what: str) -> Iterator[None]:
     """Turns the errors a bad input path or file causes into `CommandError`s naming `what`."""
     try:
         yield
-    except (FileNotFoundError, DataError, TokenizerError, CheckpointRestoreError) as e:
+    except (FileNotFoundError, UserError) as e:
         raise CommandError(f"{what}: {e}") from e
+
+
+def enclosing_run_dir(path: str | os.PathLike) -> Path | None:
+    """The run directory (a folder with model.json) that holds `path`, if any."""
+    p = Path(path).absolute()
+    for d in (p, *p.parents):
+        if (d / MODEL_INFO).is_file():
+            return d
+    return None
+
+
+@contextlib.contextmanager
+def lock_enclosing_run_dir(path: str | os.PathLike) -> Iterator[None]:
+    """Holds the lock of the run directory that `path` lies in (if any) while writing there:
+    a command never writes into a run directory that another process is using."""
+    run_dir = enclosing_run_dir(Path(path).parent)
+    if run_dir is None:
+        yield
+        return
+    with RunLock(run_dir):
+        yield
 
 
 def resolve_judge(judge: str | Judge | None) -> Judge | None:
@@ -157,29 +174,39 @@ def generate_command(
     Returns:
       The JSONL path.
     """
-    if num_samples < 1:
-        raise CommandError(f"generate_command.num_samples={num_samples} must be >= 1")
-    _check_sampling("generate_command", top_k, segment_len)
+    settings.positive_int("generate_command.num_samples", num_samples)
+    _check_sampling(
+        "generate_command", top_k, segment_len, max_new_tokens, temperature, top_p, batch_size,
+        limit, seed,
+    )  # fmt: skip
+    if output is not None:
+        settings.writable_file("generate_command.output (OUTPUT)", output)
     judge_fn = resolve_judge(judge)
     texts = _read_prompts(prompts, split, limit)
-    pol = _load_policy(checkpoint)
-    rows = policy_eval.sample(
-        pol,
-        texts,
-        max_new_tokens=max_new_tokens,
-        num_samples=num_samples,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        batch_size=batch_size,
-        segment_len=segment_len,
-    )
-    judge_fields = policy_eval.score(rows, judge_fn)
-    out = Path(output) if output else pol.run_dir / "generations.jsonl"
-    policy_eval.write_jsonl(out, rows)
+    if output:
+        out = Path(output)
+    else:
+        with _user_errors(f"cannot load the policy from CHECKPOINT={str(checkpoint)!r}"):
+            out = resolve_run_dir(checkpoint) / "generations.jsonl"
+    # Taken before sampling: a busy run directory is refused before the expensive work.
+    with lock_enclosing_run_dir(out):
+        pol = _load_policy(checkpoint)
+        rows = policy_eval.sample(
+            pol,
+            texts,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            batch_size=batch_size,
+            segment_len=segment_len,
+        )
+        judge_fields = policy_eval.score(rows, judge_fn)
+        policy_eval.write_jsonl(out, rows)
     log.info("wrote %d generations to %s", len(rows), out)
-    print(json.dumps(policy_eval.summarize(rows, [*judge_fields, "length"])))
+    print(atomic.dumps(policy_eval.summarize(rows, [*judge_fields, "length"])))
     return out
 
 
@@ -317,11 +344,26 @@ def _label_stats(pairs: list[Row]) -> dict[str, float]:
     }
 
 
-def _check_sampling(command: str, top_k: int, segment_len: int) -> None:
+def _check_sampling(
+    command: str,
+    top_k: Any,
+    segment_len: Any,
+    max_new_tokens: Any = 1,
+    temperature: Any = 1.0,
+    top_p: Any = 1.0,
+    batch_size: Any = 1,
+    limit: Any = None,
+    seed: Any = 0,
+) -> None:
     """Fails before loading anything on sampling settings the sampler would reject."""
-    for name, value in (("top_k", top_k), ("segment_len", segment_len)):
-        if value < 0:
-            raise CommandError(f"{command}.{name}={value} must be >= 0")
+    settings.nonneg_int(f"{command}.top_k", top_k)
+    settings.nonneg_int(f"{command}.segment_len", segment_len)
+    settings.positive_int(f"{command}.max_new_tokens", max_new_tokens)
+    settings.nonneg_float(f"{command}.temperature", temperature)
+    settings.in_range(f"{command}.top_p", top_p, 0.0, 1.0, low_open=True)
+    settings.positive_int(f"{command}.batch_size", batch_size)
+    settings.optional_positive_int(f"{command}.limit", limit)
+    settings.integer(f"{command}.seed", seed)
 
 
 def _check_preference_settings(
@@ -332,15 +374,15 @@ def _check_preference_settings(
     gold_weights: Mapping[str, float] | None,
 ) -> None:
     """Fails before any sampling on settings `make_preferences_command` cannot use."""
-    if num_samples < 2:
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
         raise CommandError(
             f"make_preferences_command.num_samples={num_samples}: need K >= 2 completions per "
             "prompt to form pairs"
         )
-    if label_temperature < 0:
-        raise CommandError(f"label_temperature={label_temperature} must be >= 0")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise CommandError(f"eval_fraction={eval_fraction} must be in [0, 1)")
+    settings.nonneg_float("make_preferences_command.label_temperature", label_temperature)
+    settings.in_range(
+        "make_preferences_command.eval_fraction", eval_fraction, 0.0, 1.0, high_open=True
+    )
     try:  # the gold kind and weights, on a dummy score
         judges.gold_from_scores({k: np.zeros(1) for k in judges.JUDGES}, gold, gold_weights)
     except ValueError as e:
@@ -348,25 +390,47 @@ def _check_preference_settings(
 
 
 def _write_preferences(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
-    """Writes eval.parquet (or removes a stale one), preferences.json, then train.parquet
-    (process 0 only in a multi-process job: every process holds the same pairs; all return
-    once the files are in place, and all raise if writing failed)."""
+    """Writes train.parquet, eval.parquet (when there are eval pairs) and preferences.json (the
+    manifest: `files` maps each file to its row count) into `out`, replacing an earlier
+    folder as a whole (process 0 only in a multi-process job: every process holds the same
+    pairs; all return once the files are in place, and all raise if writing failed)."""
     partitioning.on_process_0(
         lambda: _write_preference_files(out, splits, meta), f"writing preferences to {out}"
     )
 
 
 def _write_preference_files(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TRAIN_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
-    if splits["eval"]:
-        _write_parquet(out / EVAL_FILE, splits["eval"])
-    else:
-        (out / EVAL_FILE).unlink(missing_ok=True)
-    tmp = out / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META_FILE)
-    _write_parquet(out / TRAIN_FILE, splits["train"])
+    # The whole folder is written at a temporary sibling and renamed into place: a kill leaves
+    # the old folder or the new one, never the new eval split beside no train split.
+    tmp = atomic.temp_sibling(out)
+    try:
+        _write_parquet(tmp / TRAIN_FILE, splits["train"])
+        if splits["eval"]:
+            _write_parquet(tmp / EVAL_FILE, splits["eval"])
+        files = {TRAIN_FILE: len(splits["train"])}
+        if splits["eval"]:
+            files[EVAL_FILE] = len(splits["eval"])
+        atomic.write_json(tmp / META_FILE, {**meta, "files": files}, sort_keys=False)
+        atomic.replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_folder(name: str, output: Any) -> Path:
+    """OUTPUT of make-preferences: a new folder, or an earlier preferences folder (replaced as a
+    whole); never a file or a folder holding something else.
+
+    Raises:
+      SettingsError: naming the setting.
+    """
+    out = settings.writable_dir(name, output)
+    if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
+        raise SettingsError(
+            f"{name}={str(output)!r} is a folder that holds other files (no {META_FILE}); "
+            "choose a new folder, it would be replaced as a whole"
+        )
+    return out
 
 
 @gin.configurable
@@ -415,7 +479,11 @@ def make_preferences_command(
       The output folder.
     """
     _check_preference_settings(num_samples, label_temperature, eval_fraction, gold, gold_weights)
-    _check_sampling("make_preferences_command", top_k, segment_len)
+    _check_sampling(
+        "make_preferences_command", top_k, segment_len, max_new_tokens, temperature, top_p,
+        batch_size, limit, seed,
+    )  # fmt: skip
+    check_output_folder("make_preferences_command.output (PREFERENCES)", output)
     texts = _read_prompts(prompts, split, limit)
     eval_prompts = split_prompts(texts, eval_fraction, np.random.default_rng([seed, 1]))
     pol = _load_policy(checkpoint)
@@ -532,6 +600,7 @@ def evaluate_policies(
             ref=ref,
         )
         fields = policy_eval.score(rows, judge_fn)
-        policy_eval.write_jsonl(samples_path(run_dir), rows)
+        with lock_enclosing_run_dir(samples_path(run_dir)):
+            policy_eval.write_jsonl(samples_path(run_dir), rows)
         results[name] = policy_eval.summarize(rows, [*fields, "kl", "length"])
     return results

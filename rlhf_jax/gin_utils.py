@@ -8,6 +8,7 @@ names the file and line or the binding; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import tokenize
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from pathlib import Path
 import gin
 from gin import config as gin_config
 
+from rlhf_jax.errors import UserError
+
 # Repository root: gin files are looked up relative to the working directory first, then here,
 # so `--gin_file gin/experiments/x.gin` works from anywhere inside an editable install.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONVENTIONAL_MACROS = ("RUN_DIR", "TRAIN_STEPS", "SEED", "BATCH_SIZE")
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError):
     """A user error in gin files or bindings (exit code 2 in the CLI)."""
 
 
@@ -81,6 +84,28 @@ def _format_binding(b: str) -> str:
     return b if "=" in b else f"{b} (a binding needs KEY=VALUE)"
 
 
+class _IncludeSearchNoise(logging.Filter):
+    """Drops gin's log lines while it tries include paths relative to the working directory
+    before the repository root ("Path not found: gin/..." at ERROR for a file it then finds)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Path not found:") or msg.startswith("system_path_file_exists"))
+
+
+def _parse_files(files: Sequence[str]) -> None:
+    for f in files:
+        try:
+            gin.parse_config_file(f)
+        except (SyntaxError, tokenize.TokenError) as e:
+            line = getattr(e, "lineno", None)
+            if isinstance(e, tokenize.TokenError) and len(e.args) > 1:
+                line = e.args[1][0]
+            raise GinConfigError(f"gin syntax error in {f}, line {line}: {e.args[0]}") from None
+        except (ValueError, OSError, KeyError) as e:
+            raise GinConfigError(f"in gin file {f}: {e}") from None
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     """Parses files then bindings (later ones win) and validates macros.
 
@@ -94,16 +119,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             raise GinConfigError(f"bad binding {b!r}: expected KEY=VALUE")
     # Includes inside files are resolved relative to the repo root as well.
     gin.add_config_file_search_path(str(REPO_ROOT))
-    for f in files:
-        try:
-            gin.parse_config_file(f)
-        except (SyntaxError, tokenize.TokenError) as e:
-            line = getattr(e, "lineno", None)
-            if isinstance(e, tokenize.TokenError) and len(e.args) > 1:
-                line = e.args[1][0]
-            raise GinConfigError(f"gin syntax error in {f}, line {line}: {e.args[0]}") from None
-        except (ValueError, OSError, KeyError) as e:
-            raise GinConfigError(f"in gin file {f}: {e}") from None
+    noise = _IncludeSearchNoise()
+    logging.getLogger().addFilter(noise)  # gin logs through the root logger
+    try:
+        _parse_files(files)
+    finally:
+        logging.getLogger().removeFilter(noise)
+    file_macros = set(macros())
     for b in bindings:
         try:
             gin.parse_config(b)
@@ -113,6 +135,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             msg = str(e).split("\n")[0]
             raise GinConfigError(f"bad binding {b!r}: {msg}") from None
     validate_macros()
+    check_macro_bindings(bindings, file_macros)
 
 
 def _macro_refs(value, out: set[str]) -> None:
@@ -137,13 +160,46 @@ def macros() -> dict[str, object]:
     }
 
 
-def validate_macros() -> None:
-    """Fails on macros that are used but undefined, or still `%gin.REQUIRED`."""
-    defined = macros()
+def used_macros() -> set[str]:
+    """The macros some parsed binding references (`%NAME`)."""
     used: set[str] = set()
     for (_scope, _sel), params in gin_config._CONFIG.items():
         for v in params.values():
             _macro_refs(v, used)
+    return used
+
+
+def check_macro_bindings(bindings: Sequence[str], file_macros: set[str] = frozenset()) -> None:
+    """Fails on a command-line macro (`NAME=VALUE`) that no gin file defines and nothing
+    references: a misspelt macro would otherwise be ignored silently and the run would use the
+    default.
+
+    Raises:
+      GinConfigError: naming the macro and the closest known one.
+    """
+    import difflib
+
+    used = used_macros()
+    for b in bindings:
+        name = b.partition("=")[0].strip()
+        if not name.isidentifier() or name in used or name in file_macros:
+            continue  # a parameter binding (scope/fn.param), or a macro the files know
+        known = sorted((used | set(macros())) - {name})
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = (
+            f"did you mean {close[0]}?"
+            if close
+            else f"macros in use: {', '.join(sorted(used)) or 'none'}"
+        )
+        raise GinConfigError(
+            f"macro {name} (binding {b!r}) is not used by any gin file of this command; {hint}"
+        )
+
+
+def validate_macros() -> None:
+    """Fails on macros that are used but undefined, or still `%gin.REQUIRED`."""
+    defined = macros()
+    used = used_macros()
     missing = sorted(used - set(defined))
     if missing:
         raise GinConfigError(

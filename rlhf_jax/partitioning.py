@@ -22,6 +22,8 @@ from flax.core import spmd as core_spmd
 from flax.nnx import spmd as nnx_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import SettingsError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -64,19 +66,28 @@ def make_mesh(
 ) -> Mesh:
     """Builds the (data, fsdp, tensor) mesh; one entry of `shape` may be -1 ("the rest")."""
     devices = list(jax.devices() if devices is None else devices)
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
+        raise SettingsError(
+            f"make_mesh.shape={shape!r} must be 3 integers (data, fsdp, tensor), e.g. (-1, 1, 1)"
+        )
     shape = list(shape)
-    if len(shape) != 3:
-        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise SettingsError(
+            f"make_mesh.shape={tuple(shape)}: each axis is a positive size, and at most one is -1"
+        )
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
+            raise SettingsError(f"{len(devices)} devices cannot fill mesh {tuple(shape)}")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(
-            f"mesh {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}"
+        raise SettingsError(
+            f"mesh {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)} "
+            "(set make_mesh.shape / MESH_SHAPE to fit them)"
         )
     dev_array = np.asarray(devices).reshape(shape)
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -163,7 +174,7 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
-        raise ValueError(
+        raise SettingsError(
             f"global batch size {global_batch} is not divisible by data×fsdp = "
             f"{mesh.shape['data']}×{mesh.shape['fsdp']} = {n}"
         )

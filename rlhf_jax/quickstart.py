@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import gin_utils
+from rlhf_jax import atomic, gin_utils, settings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     from rlhf_jax.data.tasks.reviews import build_reviews_task
     from rlhf_jax.eval.plots import plot_policies
 
-    out = Path(out_dir)
+    out = settings.writable_dir("--out_dir", out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"== reviews task -> {out / 'task'}", flush=True)
@@ -164,14 +164,15 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         "total_s": time.time() - t_start,
         "fast": fast,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic.write_json(out / "report.json", report, sort_keys=False)
     plot = plot_policies(
         results, out / "report.png", title=f"reviews task, {len(prompts)} held-out prompts"
     )
-    (out / "report.md").write_text(
+    atomic.write_text(
+        out / "report.md",
         f"# rlhf-jax quickstart\n\n{len(prompts)} held-out prompts, samples at temperature 1; "
         "KL is the k1 estimate of KL(policy ‖ SFT) per sequence.\n\n" + table + "\n\n"
-        f"![gold scores against KL to SFT]({plot.name})\n"
+        f"![gold scores against KL to SFT]({plot.name})\n",
     )
     print("\n" + table + "\n")
     print(

@@ -35,8 +35,9 @@ from rlhf_jax import partitioning
 from rlhf_jax.data.batching import pick_bucket
 from rlhf_jax.data.examples import Truncator, new_stats
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.errors import UserError
 from rlhf_jax.steps.reward import make_reward_fn
-from rlhf_jax.train.checkpoint import load_params, resolve_run_dir
+from rlhf_jax.train.checkpoint import check_model_class, load_params, resolve_run_dir
 from rlhf_jax.train.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,18 @@ def load_reward_model(
       step: which checkpoint (default: the newest that restores).
       normalize: read RUN_DIR/reward_norm.json (else no normalisation).
     """
+    # A policy run passed where a reward model is expected: refused before loading anything.
+    check_model_class(path, "ScalarModel", "the reward model")
     loaded = load_params(path, mesh=mesh, rules=rules, step=step)
     head_w = loaded.params["head_w"][...] if "head_w" in loaded.params else None
     if head_w is None:
-        raise ValueError(f"{loaded.run_dir} does not hold a reward model (no scalar head)")
+        raise UserError(f"{loaded.run_dir} does not hold a reward model (no scalar head)")
     norm = RewardNormalization.load(resolve_run_dir(path)) if normalize else None
     if normalize and norm is None:
         log.warning("%s has no %s: rewards are not normalised", loaded.run_dir, NORM_FILE)
     num_heads = int(head_w.shape[-1])
     if norm is not None and len(norm.mean) != num_heads:
-        raise ValueError(f"{NORM_FILE} has {len(norm.mean)} heads, the model {num_heads}")
+        raise UserError(f"{NORM_FILE} has {len(norm.mean)} heads, the model {num_heads}")
     return LoadedRewardModel(
         loaded.graphdef,
         loaded.params,

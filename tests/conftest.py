@@ -22,6 +22,11 @@ os.environ.setdefault(
     os.path.join(__import__("tempfile").gettempdir(), "rlhf_jax_test_xla_cache"),
 )
 
+# Shared caches (rlhf_jax.paths) go to a folder of this session, never to ~/.cache.
+os.environ.setdefault(
+    "RLHF_JAX_CACHE", __import__("tempfile").mkdtemp(prefix="rlhf_jax_test_cache_")
+)
+
 import gin  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402

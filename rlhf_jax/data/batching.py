@@ -24,6 +24,7 @@ process agrees on the shape and a step compiles at most once per bucket.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,20 +285,60 @@ class BatchIterator:
             "num_examples": len(self.examples),
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
+            "data_hash": self.data_hash,
         }
+
+    @property
+    def data_hash(self) -> str:
+        """A fingerprint of the examples (their lengths, in order): a resumed run must see the
+        same data, not only the same number of rows."""
+        if getattr(self, "_data_hash", None) is None:
+            self._data_hash = hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16]
+        return self._data_hash
+
+    def check_state_dict(self, state: Any, batches: int | None = None) -> None:
+        """Checks a saved position before it is trusted: the keys and types, the same data and
+        settings, a position this iterator can reach, and (given `batches`, the number of
+        batches the run consumed) that it is the position after exactly that many batches.
+
+        Raises:
+          DataError: naming what does not match.
+        """
+        keys = ("epoch", "position", "seed", "num_examples", "batch_size", "shuffle")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise DataError(f"iterator state {state!r} lacks some of {keys}")
+        for key in ("epoch", "position", "seed", "num_examples", "batch_size"):
+            if not isinstance(state[key], int) or isinstance(state[key], bool):
+                raise DataError(f"iterator state has {key}={state[key]!r}; expected an integer")
+        for key in ("num_examples", "batch_size", "seed", "shuffle", "data_hash"):
+            if key == "data_hash" and key not in state:
+                continue  # saved before the fingerprint existed
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise DataError(
+                    f"iterator state has {key}={state[key]!r} but this iterator has {mine!r}; "
+                    "it was saved over different data or settings"
+                )
+        n, bsz = len(self.examples), self.batch_size
+        epoch, position = state["epoch"], state["position"]
+        if epoch < 0 or position < 0 or position % bsz or position > n + bsz - 1:
+            raise DataError(
+                f"iterator state has epoch={epoch}, position={position}: not a position of "
+                f"{n} examples in batches of {bsz}"
+            )
+        if batches is not None and epoch * len(self) + position // bsz != batches:
+            raise DataError(
+                f"iterator state (epoch {epoch}, position {position}) is not the position "
+                f"after {batches} batches"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a position saved by `state_dict`; the next batch is the one that followed.
 
         Raises:
-          ValueError: the state was saved over different data, batch size, seed or shuffling.
+          DataError: the state was saved over different data, batch size, seed or shuffling,
+            or is malformed (see `check_state_dict`).
         """
-        for key in ("num_examples", "batch_size", "seed", "shuffle"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
-                raise ValueError(
-                    f"iterator state has {key}={state[key]!r} but this iterator has {mine!r}; "
-                    "it was saved over different data or settings"
-                )
+        self.check_state_dict(state)
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])

@@ -211,9 +211,54 @@ def _load_directory(p: Path, file_format: str | None) -> dict[str, datasets.Data
     if not files:
         raise DataError(f"{p}: neither a save_to_disk directory nor a folder of data files")
     wanted = {k: v for k, v in files.items() if k == "train" or k in EVAL_SPLIT_NAMES}
+    if wanted and "train" not in wanted:
+        # Never train on an eval split: a folder that lost its train file is incomplete.
+        raise DataError(
+            f"{p}: has {', '.join(f.name for f in wanted.values())} but no train file; "
+            "the folder is incomplete"
+        )
     if not wanted and len(files) == 1:
         wanted = files
-    return _named_splits({k: read_file(f, file_format) for k, f in wanted.items()}, str(p))
+    splits = _named_splits({k: read_file(f, file_format) for k, f in wanted.items()}, str(p))
+    if (p / MANIFEST).is_file():
+        check_manifest(
+            p, {f.name: len(splits[k if k == "train" else "eval"]) for k, f in wanted.items()}
+        )
+    return splits
+
+
+MANIFEST = "preferences.json"
+
+
+def check_manifest(folder: Path, found: Mapping[str, int]) -> None:
+    """Refuses a folder whose manifest (preferences.json, written by make-preferences) does not
+    match its data files: a file missing or extra, or a different row count.
+
+    Args:
+      folder: the folder.
+      found: the data files read, by file name, with their row counts.
+
+    Raises:
+      DataError: naming the folder and the mismatch.
+    """
+    try:
+        meta = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{folder / MANIFEST} is unreadable: {e}") from None
+    expected = meta.get("files") if isinstance(meta, dict) else None
+    if expected is None and isinstance(meta, dict) and "train_pairs" in meta:
+        # Manifests written before `files` existed: the pair counts per split.
+        expected = {"train.parquet": meta["train_pairs"]}
+        if meta.get("eval_pairs"):
+            expected["eval.parquet"] = meta["eval_pairs"]
+    if not isinstance(expected, dict):
+        raise DataError(f"{folder / MANIFEST} lists no files")
+    if dict(found) != expected:
+        raise DataError(
+            f"{folder}: its files {dict(sorted(found.items()))} (name: rows) do not match "
+            f"{MANIFEST} {dict(sorted(expected.items()))}; the folder is incomplete or was "
+            "changed: make it again"
+        )
 
 
 def _load_splits(source: Source, file_format: str | None) -> dict[str, datasets.Dataset]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlhf_jax import partitioning
+from rlhf_jax import atomic, partitioning
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.errors import TokenizerError
 from rlhf_jax.data.examples import TokenizedDataset
@@ -39,7 +38,7 @@ from rlhf_jax.generate import sequence_batch as make_sequence_batch
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.ops import chunked_token_logprobs
 from rlhf_jax.partitioning import to_host
-from rlhf_jax.train.checkpoint import load_params
+from rlhf_jax.train.checkpoint import check_model_class, load_params
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,7 @@ def load_policy(path: str | os.PathLike, mesh: Mesh | None = None, rules: Any = 
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"policy checkpoint {path} does not exist")
+    check_model_class(path, "Transformer", "the policy")
     mesh = mesh if mesh is not None else partitioning.make_mesh()
     rules = rules if rules is not None else partitioning.logical_rules()
     loaded = load_params(path, mesh=mesh, rules=rules)
@@ -338,7 +338,7 @@ def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(atomic.dumps(r) + "\n")
         os.replace(tmp, path)
 
     partitioning.on_process_0(write, f"writing {path}")

@@ -13,6 +13,8 @@ from typing import Literal
 import gin
 import jax.numpy as jnp
 
+from rlhf_jax.errors import SettingsError
+
 DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -59,20 +61,30 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SettingsError(f"model_config.{name}={value!r} must be a positive integer")
+        if self.n_kv_heads is not None and (
+            not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1
+        ):
+            raise SettingsError(f"model_config.n_kv_heads={self.n_kv_heads!r} must be >= 1")
         kv = self.num_kv_heads
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise SettingsError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
         if self.n_heads % kv:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
+            raise SettingsError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
         if self.fused_qkv and kv != self.n_heads:
-            raise ValueError(
+            raise SettingsError(
                 f"fused_qkv needs multi-head attention (n_kv_heads={kv} != n_heads={self.n_heads})"
             )
         if self.decode_attention not in ("einsum", "reduce"):
-            raise ValueError(f"decode_attention={self.decode_attention!r}; 'einsum' or 'reduce'")
+            raise SettingsError(f"decode_attention={self.decode_attention!r}; 'einsum' or 'reduce'")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(DTYPES)}")
+                raise SettingsError(f"{name}={getattr(self, name)!r}; choose one of {list(DTYPES)}")
 
     @property
     def num_kv_heads(self) -> int:
@@ -168,9 +180,11 @@ PRESETS: dict[str, dict] = {
 def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
     """Builds a `ModelConfig` from a named preset plus field overrides (the gin entry point)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
+        raise SettingsError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}; known: {sorted(fields)}")
+        raise SettingsError(
+            f"unknown ModelConfig field(s) {sorted(unknown)}; known: {sorted(fields)}"
+        )
     return ModelConfig(**{**PRESETS[preset], **overrides})

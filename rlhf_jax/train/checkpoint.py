@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,7 +40,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import partitioning
+from rlhf_jax import atomic, partitioning
+from rlhf_jax.errors import RunDirMismatchError, UserError
 from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
 from rlhf_jax.steps.state import abstract_with_shardings
 
@@ -53,8 +54,12 @@ ITEMS = ("params", "state", "aux", "meta")
 MODEL_CLASSES = {"Transformer": Transformer, "ScalarModel": ScalarModel}
 
 
-class CheckpointRestoreError(RuntimeError):
-    """No checkpoint in a directory could be restored."""
+class CheckpointRestoreError(UserError):
+    """No checkpoint in a directory could be restored (a user error: exit 2 in the CLI)."""
+
+
+class NotARunDirError(UserError):
+    """A path that should be a run directory (of the right kind) is not one."""
 
 
 @jax.jit
@@ -165,20 +170,27 @@ class Checkpointer:
             params=ocp.args.StandardSave(state.params),
             state=ocp.args.StandardSave(state.replace(params=None)),
             aux=ocp.args.StandardSave({"hparams": hparams, "rng": jax.random.key_data(rng)}),
-            meta=ocp.args.JsonSave(dict(meta)),
+            meta=ocp.args.JsonSave(atomic.strict(dict(meta))),  # strict JSON, as every file
         )
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
         return self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(
-        self, abstract_state: Any, abstract_hparams: Any, rng_template: jax.Array, mesh: Mesh
+        self,
+        abstract_state: Any,
+        abstract_hparams: Any,
+        rng_template: jax.Array,
+        mesh: Mesh,
+        check_meta: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> Restored | None:
         """The newest checkpoint that restores cleanly, or None when there is none.
 
-        Newer checkpoints that fail (unreadable, or non-finite parameters) are moved to
-        `checkpoints.bad/`. If checkpoints exist but none restores, raises
-        `CheckpointRestoreError` (e.g. the model config changed) rather than starting over.
+        Newer checkpoints that fail (unreadable, non-finite parameters, or a `meta` that
+        `check_meta(step, meta)` rejects, e.g. a corrupted data-iterator position) are moved to
+        `checkpoints.bad/` and the previous one is used. If checkpoints exist but none
+        restores, raises `CheckpointRestoreError` (e.g. the model config changed) rather than
+        starting over.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
@@ -205,6 +217,8 @@ class Checkpointer:
                 )
                 if not all_finite(r.params):
                     raise ValueError("its parameters are not finite")
+                if check_meta is not None:
+                    check_meta(step, dict(r.meta or {}))
             except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
                 log.warning("checkpoint of step %d cannot be restored (%s)", step, e)
                 errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
@@ -216,7 +230,8 @@ class Checkpointer:
             rng = jax.random.wrap_key_data(r.aux["rng"], impl=jax.random.key_impl(rng_template))
             return Restored(step, state, r.aux["hparams"], rng, dict(r.meta or {}))
         raise CheckpointRestoreError(
-            f"no checkpoint under {self.directory} could be restored:\n  " + "\n  ".join(errors)
+            f"no checkpoint under {self.directory} could be restored (a different model, data "
+            "or batch size than the run was started with?): " + "; ".join(errors)
         )
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -253,21 +268,22 @@ def write_model_info(
     tokenizer_path: str | None = None,
     model_class: str = "Transformer",
     model_kwargs: Mapping[str, Any] | None = None,
+    stage: str | None = None,
 ) -> Path:
-    """Writes RUN_DIR/model.json: what a later stage needs to rebuild the model from the run."""
-    if model_class not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {model_class!r}; known: {sorted(MODEL_CLASSES)}")
+    """Writes RUN_DIR/model.json: what a later stage needs to rebuild the model from the run
+    (`model_record`); callers check `check_run_identity` first."""
     path = Path(run_dir) / MODEL_INFO
-    info = {
-        "model_class": model_class,
-        "model_kwargs": dict(model_kwargs or {}),
-        "model_config": dataclasses.asdict(cfg),
-        "tokenizer": str(Path(tokenizer_path).absolute()) if tokenizer_path else None,
-    }
+    info = model_record(
+        cfg,
+        tokenizer_path=tokenizer_path,
+        model_class=model_class,
+        model_kwargs=model_kwargs,
+        stage=stage,
+    )
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{MODEL_INFO}.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
+        tmp.write_text(atomic.dumps(info, indent=2))
         os.replace(tmp, path)
     return path
 
@@ -276,10 +292,99 @@ def read_model_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     """RUN_DIR/model.json with `model_config` turned back into a `ModelConfig`."""
     path = Path(run_dir) / MODEL_INFO
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
-    info = json.loads(path.read_text())
-    info["model_config"] = ModelConfig(**info["model_config"])
+        raise NotARunDirError(f"{path} not found: is {run_dir} a run directory?")
+    try:
+        info = json.loads(path.read_text())
+        info["model_config"] = ModelConfig(**info["model_config"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise NotARunDirError(f"{path} is unreadable or malformed: {e}") from None
     return info
+
+
+def check_model_class(run_dir: str | os.PathLike, expected: str, what: str) -> dict[str, Any]:
+    """RUN_DIR/model.json, checked to hold a `expected` model ("Transformer" for a policy,
+    "ScalarModel" for a reward model).
+
+    Raises:
+      NotARunDirError: no run directory there, or one of the other kind.
+    """
+    info = read_model_info(resolve_run_dir(run_dir))
+    if info["model_class"] != expected:
+        kinds = {"Transformer": "a policy run", "ScalarModel": "a reward-model run"}
+        raise NotARunDirError(
+            f"{what}={str(run_dir)!r} is {kinds.get(info['model_class'], info['model_class'])}, "
+            f"but {kinds.get(expected, expected)} is expected here"
+        )
+    return info
+
+
+def model_record(
+    cfg: ModelConfig,
+    *,
+    tokenizer_path: str | None = None,
+    model_class: str = "Transformer",
+    model_kwargs: Mapping[str, Any] | None = None,
+    stage: str | None = None,
+) -> dict[str, Any]:
+    """The content of RUN_DIR/model.json: the model, its tokenizer and the stage that trains it
+    (together the run's identity: a rerun must match it)."""
+    if model_class not in MODEL_CLASSES:
+        raise ValueError(f"unknown model class {model_class!r}; known: {sorted(MODEL_CLASSES)}")
+    record = {
+        "model_class": model_class,
+        "model_kwargs": dict(model_kwargs or {}),
+        "model_config": dataclasses.asdict(cfg),
+        "tokenizer": str(Path(tokenizer_path).absolute()) if tokenizer_path else None,
+    }
+    if stage is not None:
+        record["stage"] = stage
+    return json.loads(json.dumps(record))  # the JSON form (tuples -> lists), as stored
+
+
+def _differences(stored: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(stored) | set(new)):
+            out += _differences(stored.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if stored == new else [f"{prefix[:-1]}: stored {stored!r}, now {new!r}"]
+
+
+def check_run_identity(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Refuses to reuse a run directory that holds a different run.
+
+    A run directory with checkpoints or a summary belongs to the run recorded in its
+    model.json; rerunning it (to resume or extend) must ask for the same model, tokenizer and
+    stage. Nothing is written here.
+
+    Raises:
+      RunDirMismatchError: naming the first differing field, before anything is written.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_INFO
+    has_run = (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).iterdir())
+    has_run = has_run or (run_dir / "summary.json").exists()
+    if not path.exists():
+        if has_run:
+            raise RunDirMismatchError(
+                f"{run_dir} holds checkpoints but no {MODEL_INFO}: choose another RUN_DIR"
+            )
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirMismatchError(f"{path} is unreadable ({e}): choose another RUN_DIR") from None
+    if not has_run:
+        return  # a run that never saved anything: nothing to protect
+    if "stage" not in stored:  # written before stages were recorded
+        record = {k: v for k, v in record.items() if k != "stage"}
+    diffs = _differences(stored, dict(record))
+    if diffs:
+        raise RunDirMismatchError(
+            f"{run_dir} holds a different run ({diffs[0]}"
+            + (f"; {len(diffs) - 1} more difference(s)" if len(diffs) > 1 else "")
+            + "): rerun with its settings to resume, or choose another RUN_DIR"
+        )
 
 
 def abstract_model(
@@ -304,13 +409,15 @@ class LoadedModel(NamedTuple):
 
 def _resolve(path: Path, step: int | None) -> tuple[Path, Path, int | None]:
     """(run_dir, checkpoints_dir, step) from a run dir, a checkpoints dir or a step dir."""
+    if not path.exists():
+        raise NotARunDirError(f"{path} does not exist")
     if (path / MODEL_INFO).exists():
         return path, path / CHECKPOINT_DIR, step
     if path.name.isdigit() and (path / "params").exists():
         return path.parent.parent, path.parent, int(path.name) if step is None else step
     if (path.parent / MODEL_INFO).exists():
         return path.parent, path, step
-    raise FileNotFoundError(
+    raise NotARunDirError(
         f"{path} is neither a run directory (with {MODEL_INFO}), its checkpoints/ folder, "
         "nor one checkpoint step folder"
     )
@@ -357,7 +464,7 @@ def load_params(
     with ocp.CheckpointManager(ckpt_dir.absolute(), options=options, item_names=ITEMS) as mgr:
         candidates = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
         if not candidates:
-            raise FileNotFoundError(f"no checkpoints under {ckpt_dir}")
+            raise NotARunDirError(f"no checkpoints under {ckpt_dir}")
         errors = []
         for s in candidates:
             try:

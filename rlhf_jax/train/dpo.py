@@ -22,7 +22,7 @@ from typing import Any
 import gin
 import numpy as np
 
-from rlhf_jax import partitioning
+from rlhf_jax import partitioning, paths, settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.models import ModelConfig, model_config
@@ -32,7 +32,6 @@ from rlhf_jax.train.checkpoint import (
     load_params,
     read_model_info,
     resolve_run_dir,
-    write_model_info,
 )
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
@@ -159,7 +158,7 @@ def dpo_stage(
     on_long_prompt: str = "truncate",
     loss_type: str | Sequence[str] = "sigmoid",
     reference: str = "precomputed",
-    ref_cache_dir: str = ref_cache.DEFAULT_CACHE_DIR,
+    ref_cache_dir: str | None = ref_cache.DEFAULT_CACHE_DIR,
     grad_accum_steps: int = 1,
     logits_chunk_size: int = 128,
     beta: float = 0.1,
@@ -191,7 +190,8 @@ def dpo_stage(
       loss_type: a preference loss type or a tuple of them (see gin/algorithms/dpo.gin).
       reference: "precomputed" (cached reference log-probs) or "params" (frozen reference
         parameters in the state, run forward every step).
-      ref_cache_dir: the shared cache of precomputed reference log-probs (REF_CACHE_DIR).
+      ref_cache_dir: the shared cache of precomputed reference log-probs (REF_CACHE_DIR; None:
+        `$RLHF_JAX_CACHE/ref_cache`, by default ~/.cache/rlhf_jax/ref_cache).
       grad_accum_steps, logits_chunk_size: static step settings (`DPOConfig`).
       beta, label_smoothing, gamma, tau, orpo_lambda, loss_weights, bco_delta: traced loss
         hyperparameters (`DPOHParams`).
@@ -200,13 +200,18 @@ def dpo_stage(
       debug_nan_step: fault injection: the loss/gradients of this step become NaN (-1: off).
       match_vocab: without `init_from`, set the model's vocab_size to the tokenizer's.
     """
+    loop_cfg = LoopConfig()
+    stages.check_stage_settings(
+        run_dir=run_dir, seed=seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+        lr_scale=lr_scale, init_from=init_from, stage="dpo_stage",
+    )  # fmt: skip
+    settings.choice("dpo_stage.reference", reference, ("precomputed", "params"))
+    settings.nonneg_float("dpo_stage.beta (BETA)", beta)
+    settings.in_range("dpo_stage.label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
-        loop_cfg = LoopConfig()
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
-        if batch_size % grad_accum_steps:
-            raise ValueError(f"batch_size={batch_size} is not divisible by {grad_accum_steps=}")
         lengths = _length_settings(buckets, max_len, max_prompt_len, on_long_prompt)
         data_kwargs = dict(batch_size=batch_size, seed=seed, buckets=tuple(lengths["buckets"]),
                            max_len=max_len, max_prompt_len=max_prompt_len,
@@ -240,16 +245,20 @@ def dpo_stage(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from,
             with_ref=step_cfg.uses_ref_params,
         )  # fmt: skip
-        write_model_info(run_dir_path, cfg, tokenizer_path=tok.path)
+        stages.record_model(run_dir_path, cfg, stage="dpo_stage", tokenizer_path=tok.path)
 
-        summary_extra: dict[str, Any] = {}
+        summary_extra: dict[str, Any] = stages.truncation_summary(
+            {"train": getattr(train_it, "stats", None), "eval": getattr(eval_it, "stats", None)}
+        )
         if step_cfg.needs_reference and reference == "precomputed":
+            cache_dir = ref_cache_dir or paths.cache_dir("ref_cache")
             splits = {"train": train_it, **({"eval": eval_it} if eval_it is not None else {})}
-            splits, summary_extra = precompute_reference(
-                splits, cache_dir=ref_cache_dir, lengths=lengths, init_from=init_from,
+            splits, ref_info = precompute_reference(
+                splits, cache_dir=cache_dir, lengths=lengths, init_from=init_from,
                 fresh_params=lambda: factory.init().params, graphdef=graphdef, model_cfg=cfg,
                 batch_size=batch_size, mesh=mesh, rules=rules, chunk_size=logits_chunk_size,
             )  # fmt: skip
+            summary_extra.update(ref_info)
             train_it, eval_it = splits["train"], splits.get("eval")
 
         spec = LoopSpec(

@@ -23,14 +23,14 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf_jax.gin_utils import GinConfigError
+from rlhf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "halt")
 
 
-class RunDirInUseError(GinConfigError):
+class RunDirInUseError(UserError):
     """Another live process holds the run directory.
 
     A user error like a bad config: the CLI prints one line and exits with code 2.
@@ -61,6 +61,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / self.FILENAME
         self._fd: int | None = None
+        self._created: list[Path] = []  # what acquire created: removed again after a failure
 
     def _holder(self) -> dict:
         try:
@@ -77,12 +78,20 @@ class RunLock:
 
         if jax.process_index() != 0:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = self.path.parent.absolute()
+        missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._created = [self.path] if not self.path.exists() else []
+            self._created += missing  # innermost folder first
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory lock {self.path}: {e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            self._created = []
             h = self._holder()
             raise RunDirInUseError(
                 f"run directory {self.path.parent} is in use by pid {h.get('pid', '?')} on host "
@@ -107,20 +116,37 @@ class RunLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
-        """Clears the holder record and drops the lock (the file stays, empty)."""
+    def release(self, failed: bool = False) -> None:
+        """Clears the holder record and drops the lock (the file stays, empty).
+
+        Args:
+          failed: the run failed; if the directory holds nothing but what `acquire` created,
+            remove it again, so that a failed start leaves the directory as it found it.
+        """
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)
+        if failed and self._created:
+            self._remove_created()  # while still holding the lock
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
+    def _remove_created(self) -> None:
+        if self.path in self._created:
+            self.path.unlink(missing_ok=True)
+        for d in self._created:
+            if d != self.path:
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    break
+
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(failed=exc_type is not None)
 
 
 class PreemptionHandler:

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlhf_jax import gin_utils, partitioning
+from rlhf_jax import atomic, gin_utils, partitioning, settings
 from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, replicated
@@ -63,7 +63,8 @@ class LoopConfig:
       progress_bar: show tqdm on process 0.
       tensorboard: also write RUN_DIR/tb/.
       fault_signal / fault_signal_step: test hook: send this signal (e.g. "SIGKILL") to the
-        process just before running step `fault_signal_step`.
+        process just before running step `fault_signal_step` (= train_steps: after the final
+        checkpoint, before summary.json).
     """
 
     train_steps: int = 100
@@ -83,11 +84,23 @@ class LoopConfig:
     fault_signal_step: int = -1
 
     def __post_init__(self):
-        if self.nonfinite_policy not in faults.NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite_policy={self.nonfinite_policy!r}; "
-                f"choose one of {faults.NONFINITE_POLICIES}"
-            )
+        validate_loop_config(self)
+
+
+def validate_loop_config(cfg: LoopConfig) -> None:
+    """Type and range of every loop setting (raises `errors.SettingsError` naming it)."""
+    n = "LoopConfig."
+    settings.positive_int(n + "train_steps (TRAIN_STEPS)", cfg.train_steps)
+    settings.positive_int(n + "log_every", cfg.log_every)
+    settings.nonneg_int(n + "eval_every (EVAL_EVERY)", cfg.eval_every)
+    if cfg.eval_batches is not None:
+        settings.nonneg_int(n + "eval_batches", cfg.eval_batches)
+    settings.nonneg_int(n + "checkpoint_every (CHECKPOINT_EVERY)", cfg.checkpoint_every)
+    settings.positive_int(n + "keep_last", cfg.keep_last)
+    settings.nonneg_int(n + "keep_best", cfg.keep_best)
+    settings.choice(n + "best_mode", cfg.best_mode, ("min", "max"))
+    settings.choice(n + "nonfinite_policy", cfg.nonfinite_policy, faults.NONFINITE_POLICIES)
+    settings.integer(n + "fault_signal_step", cfg.fault_signal_step)
 
 
 def count_real_tokens(batch: HostBatch) -> float:
@@ -176,12 +189,33 @@ class _Run:
         self.last_train: dict[str, float] = {}
         self.known_skipped = 0
         self.last_saved: int | None = None
+        self.prior_step_traces = self.prior_batch_shapes = 0
+        self.prior_wall_s = 0.0
+        self.t0 = time.time()
+
+    def check_meta(self, step: int, meta: dict[str, Any]) -> None:
+        """Rejects a checkpoint whose data-iterator position cannot be trusted (malformed, out
+        of range, or not the position after `step` batches): the restore then falls back to
+        the previous checkpoint instead of continuing on a different data order."""
+        it = self.spec.train_data
+        if not hasattr(it, "load_state_dict"):
+            return
+        data = meta.get("data")
+        if data is None:
+            raise ValueError("the checkpoint has no data-iterator position")
+        check = getattr(it, "check_state_dict", None)
+        if check is not None:
+            check(data, batches=step)
 
     # ---------------------------------------------------------------- start / resume
     def start(self) -> None:
         spec = self.spec
-        restored = self.ckpt.restore(spec.state.abstract, spec.hparams, self.base_rng, self.mesh)
+        restored = self.ckpt.restore(
+            spec.state.abstract, spec.hparams, self.base_rng, self.mesh, self.check_meta
+        )
         if restored is None:
+            # No complete checkpoint: the run starts over, so records of an earlier attempt go.
+            self.writer.truncate_after(0)
             self.step = 0
             self.state = spec.state.init()
             self.hp = jax.device_put(spec.hparams, self.rep)
@@ -198,7 +232,16 @@ class _Run:
         self.rng = jax.device_put(restored.rng, self.rep)
         self.last_saved = restored.step
         self.known_skipped = int(restored.state.nonfinite.skipped)
-        self.last_eval = restored.meta.get("eval_metrics") or {}
+        # The meta is strict JSON: non-finite metrics come back as floats.
+        self.last_eval = atomic.restore_nonfinite(restored.meta.get("eval_metrics") or {})
+        done = restored.meta.get("summary_state") or {}
+        self.last_train = atomic.restore_nonfinite(done.get("last_train") or {})
+        if self.step >= self.cfg.train_steps and done:
+            # The final checkpoint: the summary a kill before summary.json lost is rebuilt
+            # from what the finished process knew, so it equals an uninterrupted run's.
+            self.prior_step_traces = int(done.get("step_traces", 0))
+            self.prior_batch_shapes = int(done.get("batch_shapes", 0))
+            self.prior_wall_s = float(done.get("wall_time_s", 0.0))
         data_state = restored.meta.get("data")
         if hasattr(spec.train_data, "load_state_dict") and data_state is not None:
             spec.train_data.load_state_dict(data_state)
@@ -281,6 +324,13 @@ class _Run:
             else None,
             "extra": spec.host_state() if spec.host_state is not None else None,
             "eval_metrics": self.last_eval,
+            # What finish() needs, should the process die between this save and summary.json.
+            "summary_state": {
+                "last_train": self.last_train,
+                "step_traces": self.step_traces,
+                "batch_shapes": len(self.batch_shapes),
+                "wall_time_s": time.time() - self.t0 + self.prior_wall_s,
+            },
         }
         if self.ckpt.save(
             self.step, self.state, hparams=self.hp, rng=self.rng, meta=meta, metrics=self.last_eval
@@ -324,6 +374,10 @@ class _Run:
                 return LoopResult("done", self.step, self.state, summary, self.step_traces)
             if jax.process_index() == 0:
                 summary_path.unlink()  # the run is being extended: it is no longer done
+        if jax.process_index() == 0:
+            # Written once the run is known to train (after the restore and the check for a
+            # finished run): a refused or finished rerun leaves the stored config alone.
+            gin_utils.write_config(self.run_dir)
         bar = tqdm(
             total=cfg.train_steps,
             initial=self.step,
@@ -332,7 +386,7 @@ class _Run:
             dynamic_ncols=True,
         )
         thr = Throughput()
-        t0 = time.time()
+        self.t0 = t0 = time.time()
         with bar:
             while self.step < cfg.train_steps:
                 if self.preemption_requested(handler):
@@ -346,7 +400,9 @@ class _Run:
                 bar.update(1)
                 self.after_step(thr, bar)
         self.ckpt.wait()
-        return self.finish(time.time() - t0)
+        if cfg.fault_signal and self.step == cfg.fault_signal_step:
+            faults.inject_signal(cfg.fault_signal)  # after the final checkpoint, before summary
+        return self.finish(time.time() - t0 + self.prior_wall_s)
 
     def train_step(self, thr: Throughput) -> None:
         """Fetches a batch, runs the jitted step (dispatch only) and counts its work."""
@@ -388,8 +444,8 @@ class _Run:
             "status": "done",
             "step": self.step,
             "wall_time_s": wall_s,
-            "compile/step_traces": self.step_traces,
-            "compile/batch_shapes": len(self.batch_shapes),
+            "compile/step_traces": max(self.step_traces, self.prior_step_traces),
+            "compile/batch_shapes": max(len(self.batch_shapes), self.prior_batch_shapes),
             "nonfinite/skipped": int(jax.device_get(self.state.nonfinite.skipped)),
             **self.last_train,
             **self.last_eval,
@@ -421,10 +477,6 @@ def train_loop(
     `checkpoint.CheckpointRestoreError` when checkpoints exist but none restores.
     """
     run_dir = Path(run_dir)
-    if jax.process_index() == 0:
-        # Written here, under the caller's run-directory lock, so a refused second process
-        # never overwrites the config of the run that holds the directory.
-        gin_utils.write_config(run_dir)
     if logging.getLogger("absl").level == logging.NOTSET:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax import atomic
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip, matched by substring of `device.device_kind` (first match
@@ -74,30 +76,23 @@ def to_python(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Writes JSON to `path` through a temporary file and `os.replace` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=to_python)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Writes strict JSON to `path` through a temporary file and `os.replace` (never
+    half-written; a non-finite number is written as null with the reason beside it)."""
+    return atomic.write_json(path, obj)
 
 
 def read_metrics(run_dir: str | os.PathLike, dedup: bool = True) -> list[dict[str, Any]]:
     """The records of `RUN_DIR/metrics.jsonl`; with `dedup`, the last record of each step wins
-    (a resumed run re-logs the steps after its checkpoint). Torn last lines are skipped."""
+    (a resumed run re-logs the steps after its checkpoint). Torn last lines are skipped.
+
+    The file is strict JSON (a non-finite value is null with `KEY/nonfinite` beside it); the
+    records come back with the float values ("nan", "inf", "-inf") in place."""
     path = Path(run_dir) / "metrics.jsonl"
     records = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                records.append(atomic.restore_nonfinite(json.loads(line)))
             except json.JSONDecodeError:
                 continue
     if not dedup:
@@ -138,10 +133,10 @@ class MetricsWriter:
         self._file = None
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        if tensorboard:
-            self._tb = _summary_writer(self.run_dir / "tb")
+        # Opened at the first record, not here: a run refused while starting (e.g. no
+        # checkpoint restores) leaves no new event file behind.
+        self._tensorboard = tensorboard
 
     def truncate_after(self, step: int) -> None:
         """Drops records after `step` (and any torn line) before a resumed run appends.
@@ -152,7 +147,7 @@ class MetricsWriter:
             return
         keep = [r for r in read_metrics(self.run_dir, dedup=False) if r["step"] <= step]
         tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.write_text("".join(atomic.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -162,8 +157,11 @@ class MetricsWriter:
         record = {"step": int(step), "time": time.time()}
         record.update({k: to_python(v) for k, v in metrics.items()})
         if self._file is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a")
-        self._file.write(json.dumps(record) + "\n")
+            if self._tensorboard:
+                self._tb = _summary_writer(self.run_dir / "tb")
+        self._file.write(atomic.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():

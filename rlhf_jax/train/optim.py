@@ -26,6 +26,8 @@ import gin
 import jax
 import optax
 
+from rlhf_jax.errors import SettingsError
+
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 # Parameter paths that are embedding tables (their weight decay is opt-in).
@@ -98,13 +100,15 @@ def make_schedule(
 ) -> optax.Schedule:
     """The learning-rate schedule `step -> lr` (a traced step gives a traced lr)."""
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
+        raise SettingsError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
     if kind == "constant":
         if warmup_steps:
             return optax.linear_schedule(0.0, peak_lr, warmup_steps)
         return optax.constant_schedule(peak_lr)
     if not total_steps:
-        raise ValueError(f"schedule {kind!r} needs total_steps (bind make_optimizer.total_steps)")
+        raise SettingsError(
+            f"schedule {kind!r} needs total_steps (bind make_optimizer.total_steps)"
+        )
     decay_steps = max(total_steps - warmup_steps, 1)
     end = peak_lr * final_lr_ratio
     if kind == "warmup_cosine":
@@ -154,7 +158,7 @@ def make_optimizer(
       An `Optimizer`.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+        raise SettingsError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
     lr = make_schedule(schedule, learning_rate, warmup_steps, total_steps, final_lr_ratio)
     if name == "adamw":
         mask = decay_mask_fn(decay_embeddings)

@@ -44,7 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import partitioning
+from rlhf_jax import atomic, partitioning
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.steps.dpo import REF_FIELDS, pair_sequence_logps
@@ -53,7 +53,8 @@ from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_INFO, resolve_run_di
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = "runs/ref_cache"
+# None: `paths.cache_dir("ref_cache")`, i.e. $RLHF_JAX_CACHE/ref_cache (~/.cache/rlhf_jax/...).
+DEFAULT_CACHE_DIR = None
 _EXAMPLE_FIELDS = (
     "chosen_input_ids",
     "chosen_completion_start",
@@ -206,7 +207,7 @@ class ReferenceCache:
     def save(self, key: str, chosen: np.ndarray, rejected: np.ndarray, meta: Mapping) -> Path:
         """Writes `<key>.json` then `<key>.npz`, each atomically."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"key": key, **meta}, indent=2, sort_keys=True, default=str)
+        record = atomic.dumps({"key": key, **meta}, indent=2, sort_keys=True, default=str)
         _write_atomic(self.directory / f"{key}.json", lambda f: f.write(record.encode()))
         arrays = {
             "chosen": np.asarray(chosen, np.float32),
@@ -226,6 +227,9 @@ class ReferenceCache:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            # The lock file goes once the entry is settled: a waiter that still holds the old
+            # file finds the entry and reads it, so nothing is computed twice in practice.
+            (self.directory / f"{key}.lock").unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 

@@ -33,9 +33,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax import partitioning
+from rlhf_jax import partitioning, settings
 from rlhf_jax.data.batching import BatchIterator, collate_preference
-from rlhf_jax.data.examples import TokenizedDataset
+from rlhf_jax.data.errors import DataError
+from rlhf_jax.data.examples import RowReader, TokenizedDataset
 from rlhf_jax.data.pipeline import train_and_eval_iterators
 from rlhf_jax.data.preference import build_preference_dataset
 from rlhf_jax.data.sources import load_source
@@ -57,7 +58,6 @@ from rlhf_jax.train.checkpoint import (
     load_params,
     read_model_info,
     resolve_run_dir,
-    write_model_info,
 )
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
@@ -123,6 +123,32 @@ def _extra_columns(
     if p is not None:
         out[LABEL_PROB_FIELD] = p
     return out
+
+
+def _checked_margins(
+    ds: datasets.Dataset, column: str, on_bad_row: str
+) -> tuple[datasets.Dataset, np.ndarray | None]:
+    """The margin column validated exactly as the DPO loader does (`RowReader.number`: a
+    finite number or null; "abc", NaN, "2.0" are bad rows naming file, row and field).
+
+    Returns:
+      The split (without the bad rows under on_bad_row="skip") and its margins (None when
+      the column is absent).
+    """
+    if column not in ds.column_names:
+        return ds, None
+    reader = RowReader(ds, [], optional=[column], on_bad_row=on_bad_row)
+    keep, margins = [], []
+    for i in reader:
+        try:
+            margins.append(reader.number(i, column))
+            keep.append(i)
+        except DataError as e:
+            reader.bad(e)  # raises under "error"
+    if len(keep) < len(ds):
+        log.warning("%s: %d row(s) with a bad %r skipped", reader.name, len(ds) - len(keep), column)
+        ds = ds.select(keep)
+    return ds, np.asarray(margins, dtype=np.float64)
 
 
 def _with_extras(
@@ -205,6 +231,7 @@ def reward_preference_data(
     built: dict[str, TokenizedDataset] = {}
     extra_names: set[str] | None = None
     for name, ds in splits.items():
+        ds, margin = _checked_margins(ds, margin_col, on_bad_row)
         ds = ds.add_column(_ROW_FIELD, np.arange(len(ds), dtype=np.int64))
         tokenized = build_preference_dataset(
             ds,
@@ -220,7 +247,7 @@ def reward_preference_data(
         extras = _extra_columns(ds, gold_columns, label_prob_column, temperature_column)
         names = set(extras)
         extra_names = names if extra_names is None else extra_names & names
-        built[name] = _with_extras(tokenized, ds, _float_column(ds, margin_col), extras)
+        built[name] = _with_extras(tokenized, ds, margin, extras)
     extra_names = sorted(extra_names or ())
     collate = functools.partial(collate_reward_pairs, pad_id=tok.pad_id, extras=extra_names)
     train, ev = train_and_eval_iterators(
@@ -232,6 +259,7 @@ def reward_preference_data(
         collate_fn=collate,
     )
     summary = {f"data/{k}_pairs": len(v) for k, v in built.items()}
+    summary.update(stages.truncation_summary({k: v.stats for k, v in built.items()}))
     summary["data/columns"] = ",".join(extra_names) or "none"
     return RewardData(
         train=train,
@@ -403,9 +431,18 @@ def reward_stage(
       lr_scale, label_smoothing, center_coef, margin_scale, debug_nan_step: traced
         hyperparameters (`steps.reward.RewardHParams`).
     """
+    loop_cfg = LoopConfig()
+    stages.check_stage_settings(
+        run_dir=run_dir, seed=seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+        lr_scale=lr_scale, init_from=init_from, stage="reward_stage",
+    )  # fmt: skip
+    settings.positive_int("reward_stage.num_heads (NUM_HEADS)", num_heads)
+    settings.positive_int("reward_stage.ece_bins", ece_bins)
+    settings.in_range("reward_stage.label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    settings.nonneg_float("reward_stage.center_coef", center_coef)
+    settings.finite("reward_stage.margin_scale", margin_scale)
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
-        loop_cfg = LoopConfig()
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
         policy_info = read_model_info(resolve_run_dir(init_from)) if init_from else None
@@ -423,9 +460,10 @@ def reward_stage(
         factory, _ = reward_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, num_heads=num_heads, init_from=init_from
         )
-        write_model_info(
+        stages.record_model(
             run_dir_path,
             cfg,
+            stage="reward_stage",
             tokenizer_path=rm_data.tokenizer_path,
             model_class="ScalarModel",
             model_kwargs={"num_heads": num_heads},

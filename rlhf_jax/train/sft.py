@@ -26,7 +26,7 @@ from rlhf_jax import partitioning
 from rlhf_jax.models import model_config
 from rlhf_jax.steps.sft import SFTConfig, SFTHParams, sft_eval_step, sft_step, summarize_eval
 from rlhf_jax.train import stages
-from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir, write_model_info
+from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
 from rlhf_jax.train.synthetic import SyntheticSFTIterator, synthetic_eval_batches
@@ -118,10 +118,12 @@ def pipeline_sft_data(batch_size: int, seed: int = 0, baseline: bool = True) -> 
     from rlhf_jax.data import BatchIterator, make_sft_iterator
 
     train, ev, tok = make_sft_iterator(batch_size=batch_size, seed=seed)
-    summary = {}
+    summary = stages.truncation_summary(
+        {"train": train.stats, "eval": ev.stats if ev is not None else None}
+    )
     if baseline and ev is not None:
         one_pass = BatchIterator.for_eval(train.examples, batch_size, train.buckets)
-        summary = unigram_baseline(one_pass, ev, tok.vocab_size)
+        summary.update(unigram_baseline(one_pass, ev, tok.vocab_size))
     return SFTData(
         train=train,
         eval=(lambda: iter(ev)) if ev is not None else None,
@@ -165,9 +167,13 @@ def sft_stage(
       lr_scale: traced learning-rate multiplier.
       debug_nan_step: fault injection: the loss/gradients of this step become NaN (-1: off).
     """
+    loop_cfg = LoopConfig()
+    stages.check_stage_settings(
+        run_dir=run_dir, seed=seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+        lr_scale=lr_scale, init_from=init_from, stage="sft_stage",
+    )  # fmt: skip
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
-        loop_cfg = LoopConfig()
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
         sft_data = data(batch_size=batch_size, seed=seed)
@@ -181,7 +187,9 @@ def sft_stage(
         factory, _ = stages.model_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from
         )
-        write_model_info(run_dir_path, cfg, tokenizer_path=sft_data.tokenizer_path)
+        stages.record_model(
+            run_dir_path, cfg, stage="sft_stage", tokenizer_path=sft_data.tokenizer_path
+        )
         step_cfg = SFTConfig(grad_accum_steps=grad_accum_steps, logits_chunk_size=logits_chunk_size)
         spec = LoopSpec(
             step_fn=functools.partial(sft_step, cfg=step_cfg),

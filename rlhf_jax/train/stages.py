@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gin
@@ -23,9 +24,18 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from rlhf_jax import settings
+from rlhf_jax.errors import SettingsError
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
-from rlhf_jax.train.checkpoint import MODEL_CLASSES, load_params
+from rlhf_jax.train.checkpoint import (
+    MODEL_CLASSES,
+    check_model_class,
+    check_run_identity,
+    load_params,
+    model_record,
+    write_model_info,
+)
 from rlhf_jax.train.optim import Optimizer, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +52,7 @@ def fit_vocab(cfg: ModelConfig, vocab_size: int, match: bool = True) -> ModelCon
             log.info("model vocab_size %d -> %d (the tokenizer's)", cfg.vocab_size, vocab_size)
         return dataclasses.replace(cfg, vocab_size=vocab_size)
     if vocab_size > cfg.vocab_size:
-        raise ValueError(
+        raise SettingsError(
             f"the tokenizer has {vocab_size} ids but the model's vocab_size is {cfg.vocab_size}: "
             "set model_config.vocab_size >= the tokenizer's, or let the stage match it"
         )
@@ -52,10 +62,83 @@ def fit_vocab(cfg: ModelConfig, vocab_size: int, match: bool = True) -> ModelCon
 def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
     """Learned position tables cap the sequence length; fail before compiling, not inside."""
     if cfg.pos_emb == "learned" and seq_len > cfg.max_seq_len:
-        raise ValueError(
+        raise SettingsError(
             f"batches are {seq_len} tokens long but the model's max_seq_len is "
             f"{cfg.max_seq_len}: lower the data's max_len or raise model_config.max_seq_len"
         )
+
+
+def check_stage_settings(
+    *,
+    run_dir: Any,
+    seed: Any,
+    batch_size: Any,
+    grad_accum_steps: Any = 1,
+    lr_scale: Any = 1.0,
+    init_from: Any = None,
+    stage: str = "stage",
+) -> None:
+    """The settings every stage shares, checked before the lock is taken or anything loads.
+
+    Raises:
+      errors.SettingsError / checkpoint.NotARunDirError: naming the setting.
+    """
+    settings.writable_dir(f"{stage}.run_dir (RUN_DIR)", run_dir)
+    settings.integer(f"{stage}.seed (SEED)", seed)
+    settings.positive_int(f"{stage}.batch_size (BATCH_SIZE)", batch_size)
+    settings.positive_int(f"{stage}.grad_accum_steps", grad_accum_steps)
+    if batch_size % grad_accum_steps:
+        raise SettingsError(
+            f"{stage}.batch_size={batch_size} is not divisible by "
+            f"grad_accum_steps={grad_accum_steps}"
+        )
+    settings.finite(f"{stage}.lr_scale", lr_scale)
+    if init_from is not None:
+        settings.existing_path(f"{stage}.init_from", init_from)
+        # The stages start from a policy; a reward-model run has no LM head to start from.
+        check_model_class(init_from, "Transformer", f"{stage}.init_from")
+
+
+def record_model(
+    run_dir: Path,
+    cfg: ModelConfig,
+    *,
+    stage: str,
+    tokenizer_path: str | None,
+    model_class: str = "Transformer",
+    model_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Checks that RUN_DIR holds no other run (`check_run_identity`), then writes model.json.
+
+    Raises:
+      errors.RunDirMismatchError: before anything is written.
+    """
+    kwargs = dict(tokenizer_path=tokenizer_path, model_class=model_class, model_kwargs=model_kwargs)
+    check_run_identity(run_dir, model_record(cfg, stage=stage, **kwargs))
+    write_model_info(run_dir, cfg, stage=stage, **kwargs)
+
+
+TRUNCATION_STATS = (
+    "long_prompt_truncated",
+    "long_prompt_dropped",
+    "completion_truncated",
+    "bad_rows",
+)
+
+
+def truncation_summary(stats_by_split: dict[str, dict[str, int] | None]) -> dict[str, int]:
+    """summary.json entries `data/<split>/<count>` for rows truncated, dropped or skipped while
+    tokenising, logged as well when any is non-zero: a long input is never cut silently."""
+    out = {}
+    for split, stats in stats_by_split.items():
+        if not stats:
+            continue
+        for key in TRUNCATION_STATS:
+            out[f"data/{split}/{key}"] = int(stats.get(key, 0))
+        cut = {k: stats.get(k, 0) for k in TRUNCATION_STATS if stats.get(k, 0)}
+        if cut:
+            log.warning("%s split: %s of %d rows", split, cut, stats.get("rows", 0))
+    return out
 
 
 def _is_bound(selector: str) -> bool:

@@ -10,6 +10,7 @@ its whole state: `state_dict()` / `load_state_dict()` resume it exactly.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,7 +57,16 @@ class SyntheticSFTIterator(Iterator):
     def state_dict(self) -> dict[str, int]:
         return {"index": self.index}
 
+    def check_state_dict(self, state: Any, batches: int | None = None) -> None:
+        """Raises ValueError unless `state` is {"index": n >= 0} (n == batches when given)."""
+        index = state.get("index") if isinstance(state, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"synthetic iterator state {state!r} is malformed")
+        if batches is not None and index != batches:
+            raise ValueError(f"synthetic iterator state {state!r} is not after {batches} batches")
+
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.check_state_dict(state)
         self.index = int(state["index"])
 
 

@@ -306,7 +306,7 @@ def test_bad_command_settings_exit_2(tmp_path, capsys):
                 *([f"--gin.PREFERENCES='{tmp_path / 'out'}'"] if command != "generate" else []),
                 f"--gin.{name}.{knob}=-1",
             ],
-            f"{name}.{knob}=-1 must be >= 0",
+            f"{name}.{knob}=-1 must be an integer >= 0",
         )
 
 

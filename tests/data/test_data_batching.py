@@ -166,3 +166,28 @@ def test_prompt_batches_and_device_fields(tmp_path, word_tok, write_jsonl):
     b = next(train)
     assert b["prompt_ids"].shape[0] == 2 and b["prompt_ids"].shape[1] in (4, 8)
     assert set(device_fields(b)) == {"prompt_ids", "prompt_mask", "valid"}
+
+
+def test_check_state_dict_refuses_corrupted_positions(examples):
+    """A saved position is validated before it is trusted (types, same settings, reachable,
+    and the position after the number of batches the run consumed)."""
+    from rlhf_jax.data import DataError
+
+    it = BatchIterator(examples, 4, BUCKETS, seed=3)
+    next(it), next(it)
+    good = it.state_dict()
+    it.check_state_dict(good, batches=2)
+    for bad in (
+        {**good, "position": 10**9},
+        {**good, "position": 3},  # not a batch boundary
+        {**good, "position": "8"},
+        {**good, "seed": 4},
+        {**good, "data_hash": "0" * 16},  # the same number of rows, other data
+        {**good, "epoch": -1},
+        {k: v for k, v in good.items() if k != "epoch"},
+        None,
+    ):
+        with pytest.raises(DataError):
+            it.check_state_dict(bad)
+    with pytest.raises(DataError, match="after 3 batches"):
+        it.check_state_dict(good, batches=3)

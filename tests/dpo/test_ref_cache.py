@@ -127,7 +127,8 @@ def test_iterator_carries_reference_fields():
     np.testing.assert_array_equal(last["ref_chosen_logps"][4:], 0.0)
     with pytest.raises(TypeError, match="preference"):
         with_reference(iter([]), chosen, rejected)
-    assert ref_cache.DEFAULT_CACHE_DIR == "runs/ref_cache"
+    # The default cache lives under $RLHF_JAX_CACHE (never relative to the working directory).
+    assert ref_cache.DEFAULT_CACHE_DIR is None
 
 
 def test_precompute_reference_without_checkpoint(tmp_path):
@@ -148,3 +149,16 @@ def test_precompute_reference_without_checkpoint(tmp_path):
     b1, b2 = next(out["eval"]), next(again["eval"])
     np.testing.assert_array_equal(b1["ref_chosen_logps"], b2["ref_chosen_logps"])
     assert np.all(b1["ref_chosen_logps"] < 0) and np.all(b1["ref_rejected_logps"] < 0)
+
+
+def test_cache_lives_under_rlhf_jax_cache_and_leaves_no_lock_files(tmp_path, monkeypatch):
+    from rlhf_jax import paths
+
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache_root"))
+    assert paths.cache_dir("ref_cache") == tmp_path / "cache_root" / "ref_cache"
+    cache = ref_cache.ReferenceCache(paths.cache_dir("ref_cache"))
+    arrays = (np.arange(3, dtype=np.float32), -np.arange(3, dtype=np.float32))
+    first = cache.get_or_compute("k1", lambda: arrays, num_examples=3)
+    second = cache.get_or_compute("k1", lambda: arrays, num_examples=3)
+    assert (first.hit, second.hit) == (False, True)
+    assert not list((tmp_path / "cache_root").rglob("*.lock"))

@@ -18,6 +18,7 @@ from rlhf_jax.reward_scoring import (
     NORM_FILE,
     RewardNormalization,
     RewardScorer,
+    load_reward_model,
 )
 from rlhf_jax.steps.reward import ensemble_rewards, make_reward_fn
 from rlhf_jax.train.optim import make_optimizer
@@ -142,3 +143,10 @@ def test_scorer_from_run_dir_normalizes_the_reference_sample(rm_run, rm_prefs):
     texts = scorer.score_texts(list(df["prompt"][:5]), list(df["chosen"][:5]))
     np.testing.assert_allclose(texts["heads"], out["heads"][:5], rtol=1e-5, atol=1e-5)
     assert (rm_run / NORM_FILE).exists()
+
+
+def test_a_policy_run_is_refused_where_a_reward_model_is_expected(rm_sft_run):
+    from rlhf_jax.errors import UserError
+
+    with pytest.raises(UserError, match="policy run, but a reward-model run is expected"):
+        load_reward_model(rm_sft_run)

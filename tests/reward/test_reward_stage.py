@@ -137,3 +137,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(rm_run, rm_prefs, rm_s
     assert resumed["train/loss"] == straight["train/loss"]
     a, b = load_params(run).params, load_params(rm_run).params
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(a), nnx.to_pure_dict(b))
+
+
+def test_truncated_rows_are_counted_in_the_summary(rm_task, tmp_path):
+    """Long inputs are cut to max_len; how many were cut goes into summary.json."""
+    long = " and it was good" * 30
+    rows = [{"prompt": f"the pasta {i}", "chosen": long, "rejected": " bad."} for i in range(8)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = reward_preference_data(
+        2, tokenizer=rm_task.tokenizer_path, source=str(path), buckets=(16,), split_fraction=None
+    )
+    assert data.summary["data/train/completion_truncated"] == 8
+    assert data.summary["data/train/long_prompt_truncated"] == 0

@@ -17,6 +17,7 @@ from rlhf_jax.train.checkpoint import (
     BAD_CHECKPOINT_DIR,
     Checkpointer,
     CheckpointRestoreError,
+    NotARunDirError,
     load_params,
     read_model_info,
     write_model_info,
@@ -184,6 +185,6 @@ def test_restore_on_a_different_mesh_and_load_params(tmp_path, sharded):
             np.testing.assert_array_equal(a, b)
     model = nnx.merge(loaded.graphdef, loaded.params)
     assert model.cfg == CFG
-    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+    with pytest.raises(NotARunDirError, match="neither a run directory"):
         load_params(tmp_path)
     assert json.loads((run_dir / "model.json").read_text())["model_class"] == "Transformer"

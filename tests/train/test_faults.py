@@ -55,6 +55,35 @@ def test_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_after_the_final_checkpoint_then_rerun_writes_the_same_summary(tmp_path):
+    """Killed after the final checkpoint and before summary.json: the rerun restores the final
+    checkpoint, trains nothing, and writes the summary an uninterrupted run writes."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    steps = 4
+    _check(run_cli(tmp_path, ref, steps))
+    killed = run_cli(
+        tmp_path,
+        run,
+        steps,
+        "LoopConfig.fault_signal='SIGKILL'",
+        f"LoopConfig.fault_signal_step={steps}",
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run / "summary.json").exists()
+    ckpt = Checkpointer(run / "checkpoints")
+    assert ckpt.latest_step() == steps
+    ckpt.close()
+    _check(run_cli(tmp_path, run, steps))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert set(a) == set(b)
+    for key in a:  # timings differ between any two runs; everything else is the same
+        if key != "wall_time_s" and not key.startswith("perf/"):
+            assert a[key] == b[key], key
+    assert b["compile/step_traces"] >= 1 and "train/loss" in b and "train/grad_norm" in b
+    assert [r["step"] for r in read_metrics(run, dedup=False)] == list(range(2, steps + 1, 2))
+
+
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     run = tmp_path / "run"
     t0 = time.time()

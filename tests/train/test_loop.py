@@ -66,12 +66,24 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert again.status == "done" and again.step_traces == 0
 
 
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_nonfinite_skip_policy(tmp_path):
     result = run_tiny_sft(tmp_path / "run", 6, "sft_stage.debug_nan_step = 3")
     assert result.status == "done"
     records = {r["step"]: r for r in read_metrics(tmp_path / "run")}
     assert np.isnan(records[4]["train/loss"])  # the record of step index 3
     assert records[4]["train/nonfinite/skipped"] == 1
+    # On disk it is strict JSON: null with the reason beside it, readable by any parser.
+    raw = [_strict_json(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [(r["train/loss"], r["train/loss/nonfinite"]) for r in raw if r["step"] == 4] == [
+        (None, "nan")
+    ]
     assert np.isfinite(records[6]["train/loss"])
     assert result.summary["nonfinite/skipped"] == 1
     assert np.isfinite(result.summary["eval/loss"])
@@ -127,3 +139,35 @@ def test_second_run_on_a_locked_directory_refuses(tmp_path):
     with faults.RunLock(run_dir):
         with pytest.raises(faults.RunDirInUseError, match="is in use by pid"):
             run_tiny_sft(run_dir, 2)
+
+
+@pytest.mark.parametrize("bad", [{"index": 10**9}, {"index": "7"}])
+def test_untrustworthy_data_position_falls_back_to_the_older_checkpoint(tmp_path, bad):
+    """A corrupted data-iterator position in the newest checkpoint (out of range, wrong type,
+    not the position after its step, missing) is never trusted: that checkpoint is moved aside
+    and the run resumes from the previous one, ending bitwise equal to an uninterrupted run."""
+    full = run_tiny_sft(tmp_path / "full", 12)
+    run = tmp_path / "split"
+    run_tiny_sft(run, 8)  # checkpoints 4 and 8
+    meta_file = run / "checkpoints/8/meta/metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["data"] = bad
+    meta_file.write_text(json.dumps(meta))
+    resumed = run_tiny_sft(run, 12)
+    assert resumed.step == 12
+    assert [p.name.split("-")[0] for p in (run / "checkpoints.bad").iterdir()] == ["8"]
+    for x, y in zip(_leaves(full.state.params), _leaves(resumed.state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_restart_without_a_checkpoint_logs_each_step_once(tmp_path):
+    """A run killed before its first checkpoint left records behind; the restart starts over
+    at step 0 and must not append a second record for the same steps."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [{"step": s, "time": 0.0, "train/loss": 99.0} for s in (2, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    run_tiny_sft(run, 4, "CHECKPOINT_EVERY = 0\nEVAL_EVERY = 0\n")
+    records = read_metrics(run, dedup=False)
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["train/loss"] != 99.0 for r in records)

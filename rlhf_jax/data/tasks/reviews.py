@@ -34,6 +34,8 @@ import gin
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from rlhf_jax import atomic
+from rlhf_jax import settings as check
 from rlhf_jax.data.tasks import vocab as V
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -332,6 +334,13 @@ def build_reviews_task(
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     out = Path(out_dir if out_dir is not None else default_out_dir(num_texts, seed))
     out = out.expanduser()
+    check.writable_dir("reviews_task.out_dir (REVIEWS_DIR)", out)
+    check.positive_int("reviews_task.num_texts (REVIEWS_NUM_TEXTS)", num_texts)
+    check.positive_int("reviews_task.num_prompts", num_prompts)
+    check.positive_int("reviews_task.num_eval_prompts", num_eval_prompts)
+    check.in_range(
+        "reviews_task.eval_fraction", eval_fraction, 0.0, 1.0, low_open=True, high_open=True
+    )
     settings = {
         "version": TASK_VERSION,
         "num_texts": num_texts,
@@ -402,7 +411,7 @@ def build_reviews_task(
         },
     }
     meta_tmp = out / f".task-{uuid.uuid4().hex}.json"
-    meta_tmp.write_text(json.dumps(stored, indent=2))
+    meta_tmp.write_text(atomic.dumps(stored, indent=2))
     os.replace(meta_tmp, meta)  # written last: its presence with these settings means "built"
     log.info("built reviews task in %s: %s", out, stored["sizes"])
     return ReviewsTask(str(out), stored)

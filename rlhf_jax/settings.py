@@ -1,0 +1,184 @@
+"""Validation of settings (gin bindings and command-line flags) at the start of a command.
+
+Each check raises `errors.SettingsError` naming the setting (as the user wrote it, e.g.
+`LoopConfig.train_steps`) and what it must be, before any expensive work (data loading,
+compiling) and before anything is written. Small functions, so that stages and commands can
+share them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rlhf_jax.errors import SettingsError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """`value` as an int >= 1 (counts and sizes)."""
+    if not _is_int(value) or value < 1:
+        raise SettingsError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def nonneg_int(name: str, value: Any) -> int:
+    """`value` as an int >= 0 (0 usually means "off")."""
+    if not _is_int(value) or value < 0:
+        raise SettingsError(f"{name}={value!r} must be an integer >= 0")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any) -> int | None:
+    """None, or an int >= 1."""
+    return None if value is None else positive_int(name, value)
+
+
+def integer(name: str, value: Any) -> int:
+    """Any int (seeds, step indices where -1 means "off")."""
+    if not _is_int(value):
+        raise SettingsError(f"{name}={value!r} must be an integer")
+    return int(value)
+
+
+def finite(name: str, value: Any) -> float:
+    """A finite real number."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise SettingsError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def nonneg_float(name: str, value: Any) -> float:
+    """A finite number >= 0 (temperatures, coefficients)."""
+    if finite(name, value) < 0:
+        raise SettingsError(f"{name}={value!r} must be >= 0")
+    return float(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    """A finite number > 0."""
+    if finite(name, value) <= 0:
+        raise SettingsError(f"{name}={value!r} must be > 0")
+    return float(value)
+
+
+def in_range(
+    name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False
+) -> float:
+    """A finite number in [low, high] (ends open when asked), e.g. probabilities."""
+    x = finite(name, value)
+    if x < low or x > high or (low_open and x == low) or (high_open and x == high):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise SettingsError(f"{name}={value!r} must be in {lo}{low}, {high}{hi}")
+    return x
+
+
+def choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """One of `choices`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {choices}")
+    return value
+
+
+def path_string(name: str, value: Any) -> str:
+    """A non-empty path given as a string (or os.PathLike)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{name}={value!r} must be a path (a non-empty string)")
+    return value
+
+
+def existing_path(name: str, value: Any) -> Path:
+    """A path that exists (file or folder)."""
+    p = Path(path_string(name, value)).expanduser()
+    if not p.exists():
+        raise SettingsError(f"{name}={str(value)!r}: no such file or folder")
+    return p
+
+
+def writable_dir(name: str, value: Any) -> Path:
+    """A folder that exists and is writable, or can be created (its nearest existing parent is
+    a writable folder). Nothing is created."""
+    p = Path(path_string(name, value)).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SettingsError(f"{name}={str(value)!r}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SettingsError(f"{name}={str(value)!r}: {probe} is not writable")
+    return p
+
+
+def writable_file(name: str, value: Any) -> Path:
+    """A file path that can be written: not a folder, its folder writable or creatable."""
+    p = Path(path_string(name, value)).expanduser().absolute()
+    if p.is_dir():
+        raise SettingsError(f"{name}={str(value)!r} is a folder; it must be a file path")
+    writable_dir(name, p.parent)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise SettingsError(f"{name}={str(value)!r} is not writable")
+    return p
+
+
+_HOST_PORT = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:(\d{1,5})$")
+
+
+def distributed(
+    coordinator_address: str | None, num_processes: Any, process_id: Any
+) -> tuple[str | None, int | None, int | None]:
+    """The multi-host settings (flags or RLHF_JAX_* variables), checked for shape and range.
+
+    Returns:
+      (coordinator_address, num_processes, process_id), with the environment's values filled
+      in and parsed.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("RLHF_JAX_COORDINATOR") or None
+    parsed = []
+    for value, var in (
+        (num_processes, "RLHF_JAX_NUM_PROCESSES"),
+        (process_id, "RLHF_JAX_PROCESS_ID"),
+    ):
+        if value is None and env.get(var):
+            try:
+                value = int(env[var])
+            except ValueError:
+                raise SettingsError(f"{var}={env[var]!r} must be an integer") from None
+        parsed.append(value)
+    num_processes, process_id = parsed
+    if coordinator_address is None and num_processes is None and process_id is None:
+        return None, None, None
+    if coordinator_address is not None:
+        m = _HOST_PORT.match(coordinator_address)
+        if not m or not 0 < int(m.group(1)) < 65536:
+            raise SettingsError(
+                f"coordinator_address={coordinator_address!r} must be HOST:PORT (port 1-65535)"
+            )
+    if coordinator_address is None or num_processes is None or process_id is None:
+        raise SettingsError(
+            "multi-host runs need all of --coordinator_address, --num_processes and "
+            "--process_id (or the RLHF_JAX_* variables)"
+        )
+    positive_int("num_processes", num_processes)
+    if not _is_int(process_id) or not 0 <= process_id < num_processes:
+        raise SettingsError(
+            f"process_id={process_id!r} must be an integer in [0, num_processes={num_processes})"
+        )
+    return coordinator_address, int(num_processes), int(process_id)
