@@ -78,8 +78,10 @@ def _np_whiten(x, m):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95), (0.99, 0.0)])
-def test_gae_matches_numpy(gamma, lam):
-    r, v, m = _rollout(0)
+@pytest.mark.parametrize("garbage", [np.nan, 7.0])
+def test_gae_matches_numpy(gamma, lam, garbage):
+    # A finite value in the padding would show a bootstrap from V past the last token.
+    r, v, m = _rollout(0, garbage=garbage)
     adv, ret = gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(m), gamma=gamma, lam=lam)
     ref_adv, ref_ret = _np_gae(r, v, m, gamma, lam)
     np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-5)
