@@ -74,7 +74,7 @@ def gae(
     """Generalised advantage estimation over completion tokens.
 
     Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
-    Estimation", Eqs. 11-16: delta_t = r_t + gamma * V_{t+1} - V_t and
+    Estimation", Eq. 16: delta_t = r_t + gamma * V_{t+1} - V_t and
     A_t = delta_t + gamma * lambda * A_{t+1}. The episode ends at a row's last completion
     token, so V = 0 after it (no bootstrap) and A is 0 there. Returns are A + V, the critic's
     regression target (the lambda-return).
@@ -136,12 +136,12 @@ def group_advantages(
     Rows come in groups of `group_size` = k consecutive rows, the samples of one prompt.
 
     - "rloo": s_i - mean_{j != i} s_j (Ahmadian et al. 2024, "Back to Basics: Revisiting
-      REINFORCE Style Optimization for Learning from Human Feedback in LLMs", Eq. 7; Kool et
-      al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!").
+      REINFORCE Style Optimization for Learning from Human Feedback in LLMs"; Kool et al.
+      2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!").
     - "grpo": (s_i - mean) / (std + eps) with the group's sample std (ddof = 1), as TRL and
       verl compute it (Shao et al. 2024, "DeepSeekMath", Sec. 4.1.2, outcome supervision).
     - "dr_grpo": s_i - mean (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
-      Perspective", Sec. 3.2: no division by the std, which biases towards easy prompts).
+      Perspective": no division by the std, which biases towards easy prompts).
 
     Args:
       scores_B: one scalar reward per row.
@@ -190,8 +190,9 @@ def token_rewards(
     """Per-token reward: the sequence score on the last completion token, minus beta * KL.
 
     The KL-shaped reward of Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-    Preferences", Eq. 2 and Stiennon et al. 2020, Eq. 1: r_t = -beta * KL_t + [t = last] * score,
-    with KL_t any per-token estimator (`ops.kl.kl_penalty`). With `kl_BT=None` the KL is left
+    Preferences" and Stiennon et al. 2020, "Learning to Summarize from Human Feedback":
+    r_t = -beta * KL_t + [t = last] * score, with KL_t any per-token estimator
+    (`ops.kl.kl_penalty`). With `kl_BT=None` the KL is left
     to the loss instead (GRPO's choice).
 
     Args:
@@ -305,14 +306,14 @@ def _reinforce(x: AdvantageInputs) -> tuple[Array, Array]:
 
 def _reinforce_pp(x: AdvantageInputs) -> tuple[Array, Array]:
     # REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
-    # Language Models", Sec. 3: reward-to-go of the KL-shaped token rewards, normalised with the
+    # Language Models": reward-to-go of the KL-shaped token rewards, normalised with the
     # mean and std of every completion token in the batch (global, not per group).
     returns = discounted_returns(x.rewards, x.mask, gamma=x.gamma)
     return masked_whiten(returns, x.mask), returns
 
 
 def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Array, Array]:
-    # REINFORCE++-baseline (Hu 2025, Sec. 3.3): subtract the group mean of the sequence rewards,
+    # REINFORCE++-baseline (Hu 2025): subtract the group mean of the sequence rewards,
     # then normalise globally over the batch's tokens.
     returns = discounted_returns(x.rewards, x.mask, gamma=x.gamma)
     centred = group_advantages(_seq_scores(x), group_size=x.group_size, estimator="dr_grpo")
@@ -329,9 +330,9 @@ def _group(name: str) -> Callable[[AdvantageInputs], tuple[Array, Array]]:
 
 def _with_baseline(x: AdvantageInputs) -> tuple[Array, Array]:
     # ReMax: Li et al. 2024, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning
-    # Method for Aligning Large Language Models", Eq. 7: baseline = reward of the greedy
+    # Method for Aligning Large Language Models": baseline = reward of the greedy
     # completion of the same prompt. Running mean: REINFORCE with a moving-average baseline
-    # (Williams 1992, Sec. 4), the baseline from `controllers.running_mean_update`.
+    # (Williams 1992), the baseline from `controllers.running_mean_update`.
     adv_B = _seq_scores(x) - _f32(x.baseline)
     return _broadcast(adv_B, x.mask), discounted_returns(x.rewards, x.mask, gamma=x.gamma)
 

@@ -49,7 +49,7 @@ def update_kl_controller(
     """The KL coefficient after one rollout.
 
     "fixed" keeps beta. "adaptive" is the proportional controller of Ziegler et al. 2019,
-    "Fine-Tuning Language Models from Human Preferences", Sec. 2.2:
+    "Fine-Tuning Language Models from Human Preferences":
     e = clip(KL / KL_target - 1, -0.2, 0.2), beta <- beta * (1 + e * n_steps / horizon),
     which moves log beta towards the value that holds the observed KL at the target, at a rate
     of about n_steps / horizon per update. verl, OpenRLHF and TRL use the same rule.
@@ -178,7 +178,7 @@ def running_mean_update(
     The first batch sets b to its mean. Use the baseline from *before* the update for the
     batch's own advantages, so the baseline does not depend on the sample it is subtracted from
     and the gradient estimate stays unbiased (Williams 1992, "Simple Statistical
-    Gradient-Following Algorithms for Connectionist Reinforcement Learning", Sec. 4).
+    Gradient-Following Algorithms for Connectionist Reinforcement Learning").
 
     Args:
       state: the baseline state.

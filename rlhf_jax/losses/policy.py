@@ -60,8 +60,8 @@ def importance_log_ratio(
     """log r_t per token, at token or sequence level.
 
     "token": log pi(y_t) - log pi_old(y_t) (PPO, Schulman et al. 2017).
-    "sequence": GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", Eqs. 7 and 11,
-    the GSPO-token form): every token carries the length-normalised sequence log-ratio
+    "sequence": GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", the GSPO-token
+    form): every token carries the length-normalised sequence log-ratio
     log s = mean_t (log pi(y_t) - log pi_old(y_t)) as its value, and the gradient of its own
     log-prob: log s_t = sg(log s) + log pi(y_t) - sg(log pi(y_t)). With one advantage per
     sequence and `seq_mean_token_mean` aggregation this is exactly GSPO's sequence objective;
@@ -105,7 +105,7 @@ def _ppo(
     stats = {"ppo/clipfrac": (clipped > unclipped).astype(jnp.float32)}
     if dual_c is not None:
         # Dual clip: Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep
-        # Reinforcement Learning", Eq. 5: for A < 0 the loss is also capped at -c A (c > 1), so
+        # Reinforcement Learning": for A < 0 the loss is also capped at -c A (c > 1), so
         # a huge ratio on a bad action cannot dominate the update; there the gradient is 0.
         bound = -adv * dual_c
         dual_active = (adv < 0) & (loss > bound)
@@ -255,8 +255,8 @@ def aggregate_loss(
     - "seq_mean_token_mean": sum_i (mean_t l) / rows: every sequence weighs the same (GRPO,
       Shao et al. 2024, Eq. 3), which favours short sequences per token.
     - "seq_mean_token_sum_norm": sum_{i,t} l / (rows * max_len): Dr. GRPO's constant
-      normaliser (Liu et al. 2025, Sec. 3.2), no length bias; `max_len` is the generation
-      budget, the mask's width T by default (traceable).
+      normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training"), no length bias;
+      `max_len` is the generation budget, the mask's width T by default (traceable).
 
     Args:
       loss_BT: per-token loss, already 0 where the mask is 0 or not (it is masked here).
