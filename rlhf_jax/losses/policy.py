@@ -183,7 +183,9 @@ def policy_loss(
     loss, stats = _POLICY_LOSSES[loss_type](
         log_ratio, adv, logps, _f32(eps_low), _f32(eps_high), dual_c
     )
-    # KL(pi_old || pi) from tokens sampled by pi_old, per token (verl's ppo_kl, TRL approxkl).
+    # KL(pi_old || pi) from the tokens pi_old sampled, by k3 = (r - 1) - log r: unbiased and
+    # never negative, the estimator Huang et al. 2022 ("The 37 Implementation Details of PPO",
+    # detail 12) recommend logging. Always token-level, whatever the ratio level.
     token_log_ratio = jax.lax.stop_gradient(
         jnp.clip(jnp.where(m > 0, logps - _f32(old_logps_BT), 0.0), -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     )

@@ -50,17 +50,39 @@ def test_fixed_kl_controller_and_unknown_kind():
         update_kl_controller(state, 1.0, 64, kind="pid", target=1.0, horizon=10.0)
 
 
-def test_kl_controller_hyperparameters_traced():
+def test_hyperparameters_traced():
     traces = []
 
     @jax.jit
-    def f(state, kl, target, horizon):
+    def f(target, horizon, max_error, decay, eps):
         traces.append(1)
-        return update_kl_controller(state, kl, 32, kind="adaptive", target=target, horizon=horizon)
+        kl = update_kl_controller(
+            KLControllerState.create(0.1),
+            2.0,
+            32,
+            kind="adaptive",
+            target=target,
+            horizon=horizon,
+            max_error=max_error,
+        )
+        baseline = running_mean_update(
+            running_mean_update(RunningMean.create(), jnp.ones(2), decay=decay),
+            jnp.zeros(2),
+            decay=decay,
+        )
+        moments = update_moments(RunningMoments.create(), jnp.array([0.0, 1.0, 5.0]))
+        return kl.coef + baseline.value + normalize_with_moments(moments, 1.0, eps=eps)
 
-    state = KLControllerState.create(0.1)
-    coefs = {float(f(state, 2.0, t, h).coef) for t, h in ((1.0, 100.0), (3.0, 100.0), (1.0, 50.0))}
-    assert len(traces) == 1 and len(coefs) == 3
+    values = [
+        (1.0, 100.0, 0.2, 0.9, 1e-8),
+        (3.0, 100.0, 0.2, 0.9, 1e-8),
+        (1.0, 50.0, 0.2, 0.9, 1e-8),
+        (1.0, 100.0, 0.1, 0.9, 1e-8),
+        (1.0, 100.0, 0.2, 0.5, 1e-8),
+        (1.0, 100.0, 0.2, 0.9, 1.0),
+    ]
+    results = {float(f(*v)) for v in values}
+    assert len(traces) == 1 and len(results) == len(values)
 
 
 def test_running_moments_match_numpy_over_masked_batches():
