@@ -333,3 +333,17 @@ def test_hyperparameters_are_traced_compile_once():
     results = {float(f(*v)) for v in values}
     assert len(traces) == 1
     assert len(results) == len(values)
+
+
+def test_vmap_over_hyperparameters_matches_separate_calls():
+    # A population of runs vmaps over hparams: each lane equals its own call.
+    new, old, adv, m = _j(*_batch(12, garbage=0.0))
+
+    def loss(eps_high, c):
+        per_token, _ = policy_loss(new, old, adv, m, eps_high=eps_high, dual_clip_c=c)
+        s, d = aggregate_loss(per_token, m, mode="token_mean")
+        return s / d
+
+    eps, cs = jnp.array([0.1, 0.2, 0.3]), jnp.array([1.5, 2.0, 3.0])
+    lanes = jax.vmap(loss)(eps, cs)
+    np.testing.assert_allclose(lanes, [loss(e, c) for e, c in zip(eps, cs, strict=True)], rtol=1e-6)
