@@ -1,5 +1,41 @@
 """rlhf_jax.losses: pure loss functions of arrays (log-probs, rewards, masks), by family."""
 
+from rlhf_jax.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    clip_rewards,
+    compute_advantages,
+    discounted_returns,
+    ended_with_stop,
+    gae,
+    group_advantages,
+    mask_truncated,
+    missing_eos_penalty,
+    token_rewards,
+)
+from rlhf_jax.losses.controllers import (
+    KL_CONTROLLERS,
+    KLControllerState,
+    RunningMean,
+    RunningMoments,
+    normalize_with_moments,
+    running_mean_update,
+    update_kl_controller,
+    update_moments,
+)
+from rlhf_jax.losses.policy import (
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    POLICY_LOSS_TYPES,
+    RATIO_LEVELS,
+    aggregate_loss,
+    check_policy_choices,
+    explained_variance,
+    kl_loss_per_token,
+    masked_entropy,
+    policy_loss,
+    value_loss,
+)
 from rlhf_jax.losses.preference import (
     LENGTH_NORMALISED_TYPES,
     PREFERENCE_LOSS_TYPES,
@@ -8,14 +44,41 @@ from rlhf_jax.losses.preference import (
 )
 from rlhf_jax.losses.reward import bradley_terry_loss, expected_calibration_error
 
-# Policy-gradient losses (PPO / RLOO / GRPO, GAE) live in losses/policy.py and are exported
-# here by the engineer who adds them.
-
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "GROUP_ESTIMATORS",
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
     "LENGTH_NORMALISED_TYPES",
+    "LOSS_AGG_MODES",
+    "POLICY_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
+    "RATIO_LEVELS",
     "REFERENCE_FREE_TYPES",
+    "KLControllerState",
+    "RunningMean",
+    "RunningMoments",
+    "aggregate_loss",
     "bradley_terry_loss",
+    "check_policy_choices",
+    "clip_rewards",
+    "compute_advantages",
+    "discounted_returns",
+    "ended_with_stop",
     "expected_calibration_error",
+    "explained_variance",
+    "gae",
+    "group_advantages",
+    "kl_loss_per_token",
+    "mask_truncated",
+    "masked_entropy",
+    "missing_eos_penalty",
+    "normalize_with_moments",
+    "policy_loss",
     "preference_loss",
+    "running_mean_update",
+    "token_rewards",
+    "update_kl_controller",
+    "update_moments",
+    "value_loss",
 ]
