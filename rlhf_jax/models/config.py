@@ -36,7 +36,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
     d_ff: int = 256
     max_seq_len: int = 128
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"] = "gpt2"
     pos_emb: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
@@ -57,10 +57,26 @@ class ModelConfig:
     # faster is a per-device question (benchmarks/bench_generate.py --variants).
     decode_attention: Literal["einsum", "reduce"] = "einsum"
     init_std: float = 0.02
+    # Switches for imported Hugging Face families (rlhf_jax.models.hf). Qwen2: biases on the
+    # Q/K/V projections only (`use_bias` puts biases everywhere, GPT-2 style).
+    qkv_bias: bool = False
+    # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE.
+    qk_norm: bool = False
+    # Width of one attention head when it is not d_model // n_heads (Qwen3, some Llamas).
+    attn_head_dim: int | None = None
+    # RoPE frequency scaling: "none", "linear" (positions / factor) or "llama3" (Llama 3.1's
+    # wavelength-dependent scaling with low/high frequency factors and the original context).
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self):
         kv = self.num_kv_heads
-        if self.d_model % self.n_heads:
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; 'none', 'linear' or 'llama3'")
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % kv:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
@@ -80,6 +96,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.attn_head_dim is not None:
+            return self.attn_head_dim
         return self.d_model // self.n_heads
 
     @property
@@ -94,8 +112,12 @@ class ModelConfig:
         """Exact parameter count of `Transformer(self)` (checked against the model in tests)."""
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.num_kv_heads * hd * 2
+        if self.use_bias or self.qkv_bias:
+            attn += self.n_heads * hd + 2 * self.num_kv_heads * hd
         if self.use_bias:
-            attn += self.n_heads * hd + 2 * self.num_kv_heads * hd + d
+            attn += d
+        if self.qk_norm:
+            attn += 2 * hd
         n_mlp_in = 2 if self.mlp == "swiglu" else 1
         mlp = n_mlp_in * d * f + f * d + (n_mlp_in * f + d if self.use_bias else 0)
         norm = d * (2 if self.norm == "layernorm" else 1)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
@@ -40,11 +41,12 @@ def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, value=No
 class Norm(nnx.Module):
     """LayerNorm or RMSNorm over the last axis, computed in fp32."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=1.0)
-        if cfg.norm == "layernorm":
-            self.bias = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=0.0)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None, kind=None):
+        self.kind, self.eps = kind or cfg.norm, cfg.norm_eps
+        dim = cfg.d_model if dim is None else dim
+        self.scale = _param(rngs, (dim,), ("norm",), cfg, value=1.0)
+        if self.kind == "layernorm":
+            self.bias = _param(rngs, (dim,), ("norm",), cfg, value=0.0)
 
     def __call__(self, x):
         dtype = x.dtype
@@ -58,10 +60,41 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim/2] (fp32), with the config's frequency scaling.
+
+    "linear" divides every frequency by the factor (positions / factor). "llama3" is Llama
+    3.1's scaling (Meta's reference code, `apply_scaling`): wavelengths shorter than
+    `original_max_len / high_freq_factor` are kept, those longer than
+    `original_max_len / low_freq_factor` are divided by the factor, and the band between is
+    interpolated linearly in `original_max_len / wavelength`.
+    """
+    half = cfg.head_dim // 2
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) / half))
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        inv = inv / factor
+    elif cfg.rope_scaling == "llama3":
+        wavelen = 2 * np.pi / inv
+        old = cfg.rope_original_max_len
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(
+            wavelen > low_wavelen, inv / factor, np.where(wavelen < high_wavelen, inv, mid)
+        )
+    return inv.astype(np.float32)
+
+
+def rope(
+    x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, inv_freq: Any = None
+) -> jax.Array:
     """Rotary embedding, half-split pairing (the Hugging Face Llama convention)."""
     half = x_BTNH.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
     angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -128,14 +161,18 @@ class Attention(nnx.Module):
             self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
             self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             if cfg.fused_qkv:
                 self.bqkv = _param(rngs, (3, h, hd), (None, "heads", "head_dim"), cfg, value=0.0)
             else:
                 self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, value=0.0)
                 self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
                 self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+        if cfg.use_bias:
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
+            self.k_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
 
     def _use_cudnn(self, right_padded: bool, dt) -> bool:
         """cuDNN flash attention: full causal forward, right padding only, half precision."""
@@ -152,13 +189,13 @@ class Attention(nnx.Module):
         dt = x_BTD.dtype
         if self.cfg.fused_qkv:
             qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.wqkv[...].astype(dt))
-            if self.cfg.use_bias:
+            if self.cfg.use_bias or self.cfg.qkv_bias:
                 qkv = qkv + self.bqkv[...].astype(dt)
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dt))
-        if self.cfg.use_bias:
+        if self.cfg.use_bias or self.cfg.qkv_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
                 k + self.bk[...].astype(dt),
@@ -169,8 +206,12 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
         cfg, dt = self.cfg, x_BTD.dtype
         q, k, v = self._project(x_BTD)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.pos_emb == "rope":
-            q, k = rope(q, positions_BT, cfg.rope_theta), rope(k, positions_BT, cfg.rope_theta)
+            inv_freq = None if cfg.rope_scaling == "none" else rope_inv_freq(cfg)
+            q = rope(q, positions_BT, cfg.rope_theta, inv_freq)
+            k = rope(k, positions_BT, cfg.rope_theta, inv_freq)
         q = wlc(q, ("batch", "length", "act_heads", None))
         k = wlc(k, ("batch", "length", "act_kv_heads", None))
         v = wlc(v, ("batch", "length", "act_kv_heads", None))
