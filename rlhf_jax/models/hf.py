@@ -22,6 +22,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from jax.sharding import Mesh
 from rlhf_jax import partitioning
 from rlhf_jax.models.config import DTYPES, ModelConfig
 from rlhf_jax.models.heads import ScalarModel
-from rlhf_jax.models.safetensors_io import CheckpointFileError, SafetensorsFile
+from rlhf_jax.models.safetensors_io import CheckpointFileError, SafetensorsFile, write_streaming
 from rlhf_jax.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -413,7 +415,9 @@ def load_pretrained(
     _check_tensors(tensors, views, cfg.tie_embeddings)
     mesh = mesh if mesh is not None else partitioning.make_mesh()
     rules = rules if rules is not None else partitioning.logical_rules()
-    cls, kwargs = (ScalarModel, {"num_heads": 1}) if reward else (Transformer, {})
+    side = _reward_side(root, tensors, cfg) if reward else None
+    num_heads = 1 if side is None else side["head_w"].shape[1]
+    cls, kwargs = (ScalarModel, {"num_heads": num_heads}) if reward else (Transformer, {})
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs))
     graphdef, state = nnx.split(abstract)
     shardings = _flat(partitioning.state_shardings(state, mesh, rules))
@@ -423,6 +427,8 @@ def load_pretrained(
         name = _key(key)
         sharding = shardings[name].get_value()
         shape = var.get_value().shape
+        if side is not None and name in side:  # the ensemble, from the side file
+            return var.replace(jax.device_put(np.asarray(side[name], pdtype), sharding))
         if name == "head_b":  # HF's score layer has no bias
             return var.replace(jax.device_put(np.zeros(shape, pdtype), sharding))
         view = views[name]
@@ -439,6 +445,24 @@ def load_pretrained(
     return cfg, nnx.merge(graphdef, state)
 
 
+def _reward_side(root: Path, tensors: _Tensors, cfg: ModelConfig) -> dict | None:
+    """The K reward heads and biases `save_pretrained` keeps beside an exported ensemble, when
+    they are still consistent with the checkpoint's score layer (their mean)."""
+    path = root / REWARD_SIDE_FILE
+    if not path.is_file():
+        return None
+    f = SafetensorsFile(path)
+    if set(f.entries) != {"head_w", "head_b"} or f.shape("head_w")[0] != cfg.d_model:
+        raise HFError(f"{path} does not hold [d_model, K] head_w and [K] head_b")
+    side = {k: np.asarray(f.array(k)) for k in ("head_w", "head_b")}
+    score = np.asarray(tensors.array("score.weight"), np.float32)[0]
+    mean = side["head_w"].astype(np.float32).mean(axis=1)
+    if not np.allclose(mean, score, rtol=1e-2, atol=1e-4):
+        log.warning("%s does not match score.weight (edited since export?): ignored", path)
+        return None
+    return side
+
+
 def _key(path) -> str:
     from rlhf_jax.train.optim import param_path
 
@@ -452,3 +476,212 @@ def load_tokenizer(path: str | os.PathLike):
 
     p = Path(path).expanduser() / "tokenizer.json"
     return Tokenizer.from_file(p) if p.is_file() else None
+
+
+# ------------------------------------------------------------------------------------ export
+
+_ARCH = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The `transformers` family that implements exactly `cfg`.
+
+    Raises:
+      HFError: no supported family has this combination of switches (naming the switch).
+    """
+    gpt2_like = (cfg.pos_emb, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
+    llama_like = (cfg.pos_emb, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+    if gpt2_like:
+        bad = [n for n in ("qkv_bias", "qk_norm", "attn_head_dim", "n_kv_heads")
+               if getattr(cfg, n) not in (None, False, cfg.n_heads)]  # fmt: skip
+        if not cfg.use_bias:
+            bad.append("use_bias=False")
+        if bad:
+            raise HFError(f"GPT-2 has no equivalent of {', '.join(bad)}")
+        return "gpt2"
+    if not llama_like:
+        raise HFError(
+            f"no Hugging Face family has pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp}"
+        )
+    if cfg.use_bias:
+        raise HFError("use_bias=True (biases everywhere) has no Llama-family equivalent")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise HFError("qk_norm together with qkv_bias has no Hugging Face equivalent")
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias:
+        return "qwen2"
+    return "mistral" if cfg.family == "mistral" else "llama"
+
+
+def hf_config(cfg: ModelConfig, *, reward: bool = False, tokenizer=None) -> dict[str, Any]:
+    """The config.json that makes `transformers` build the same network as `cfg`."""
+    mt = hf_model_type(cfg)
+    head = (
+        "ForSequenceClassification"
+        if reward
+        else ("LMHeadModel" if mt == "gpt2" else "ForCausalLM")
+    )
+    out: dict[str, Any] = {
+        "architectures": [_ARCH[mt] + head],
+        "model_type": mt,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": cfg.param_dtype,
+    }
+    if mt == "gpt2":
+        out |= {
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+            "scale_attn_weights": True,
+        }  # fmt: skip
+    else:
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling == "linear":
+            rope |= {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
+        elif cfg.rope_scaling == "llama3":
+            rope |= {
+                "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                "low_freq_factor": cfg.rope_low_freq_factor,
+                "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_len,
+            }  # fmt: skip
+        out |= {
+            "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "hidden_act": "silu", "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+            "attention_bias": False, "mlp_bias": False, "sliding_window": None,
+            "use_sliding_window": False,
+        }  # fmt: skip
+    if reward:
+        out |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    if tokenizer is not None:
+        out |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                "pad_token_id": tokenizer.pad_id}  # fmt: skip
+    return out
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """tokenizer.json and a tokenizer_config.json with the special tokens and chat template."""
+    src = Path(tokenizer.path) if tokenizer.path else None
+    if src is not None and src.is_file():
+        shutil.copyfile(src, out / "tokenizer.json")
+    else:
+        tokenizer.backend.save(str(out / "tokenizer.json"))
+    config: dict[str, Any] = {}
+    if src is not None and (src.parent / "tokenizer_config.json").is_file():
+        config = json.loads((src.parent / "tokenizer_config.json").read_text())
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for role in ("bos", "eos", "pad"):
+        token = getattr(tokenizer, f"{role}_token")
+        if token is not None:
+            config[f"{role}_token"] = token
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_pretrained(
+    model: Transformer | ScalarModel,
+    config: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes `model` as a `transformers` directory, one tensor at a time.
+
+    A `Transformer` becomes `<Family>ForCausalLM` (GPT-2: `GPT2LMHeadModel`); a `ScalarModel`
+    (reward model) becomes `<Family>ForSequenceClassification` with one label. An ensemble of
+    K heads exports its mean head (the mean of linear heads is the linear head of the mean
+    weights, so the HF score is the ensemble's mean score); the K heads and the biases
+    (`transformers` score layers have none, so HF scores lack the constant mean bias, which
+    Bradley-Terry preferences do not see) go to `reward_heads.safetensors` beside it, and
+    `load_pretrained` restores them. The folder is written under a temporary name and renamed
+    when complete. In a multi-process job every process must call it (the parameters are
+    gathered tensor by tensor); process 0 writes.
+
+    Args:
+      model: the model to export (its parameters may be sharded).
+      config: its `ModelConfig`.
+      path: the output directory.
+      tokenizer: a `rlhf_jax.data.tokenizer.Tokenizer` to write beside it (tokenizer.json,
+        tokenizer_config.json with the chat template); its special ids go into config.json.
+      overwrite: replace an existing non-empty `path` (otherwise HFError).
+
+    Returns:
+      The output directory.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HFError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    reward = isinstance(model, ScalarModel)
+    views = param_views(config, hf_model_type(config), reward=reward)
+    hfc = hf_config(config, reward=reward, tokenizer=tokenizer)
+    params = _flat(nnx.state(model, nnx.Param))
+    dtype = np.dtype(config.pdtype)
+    by_name: dict[str, list[tuple[str, View]]] = {}
+    for ours, view in views.items():
+        by_name.setdefault(view.hf_name, []).append((ours, view))
+    specs = []
+    for name, vs in by_name.items():
+        ext: dict[int, int] = {}
+        for _, v in vs:
+            for ax, end in v.hf_extent().items():
+                ext[ax] = max(ext.get(ax, 0), end)
+        specs.append((name, tuple(ext[a] for a in range(len(ext))), dtype))
+
+    def host(ours: str) -> np.ndarray:
+        value = partitioning.to_host(params[ours].get_value())
+        if ours == "head_w":  # the ensemble's mean head
+            value = value.astype(np.float32).mean(axis=1, keepdims=True)
+        return value.astype(dtype)
+
+    def produce(name: str) -> np.ndarray:
+        shape = next(s for n, s, _ in specs if n == name)
+        arr = np.zeros(shape, dtype)
+        for ours, view in by_name[name]:
+            view.write(arr, host(ours))
+        return arr
+
+    def write(tmp: Path) -> None:
+        write_streaming(tmp / "model.safetensors", specs, produce, {"format": "pt"})
+        if reward:
+            w = partitioning.to_host(params["head_w"].get_value())
+            b = partitioning.to_host(params["head_b"].get_value())
+            side = [("head_w", w.shape, w.dtype), ("head_b", b.shape, b.dtype)]
+            write_streaming(tmp / REWARD_SIDE_FILE, side, {"head_w": w, "head_b": b}.get)
+            hfc["rlhf_jax"] = {
+                "reward_heads": int(w.shape[1]),
+                "score_bias": float(np.mean(b.astype(np.float32))),
+                "side_file": REWARD_SIDE_FILE,
+            }
+        (tmp / "config.json").write_text(json.dumps(hfc, indent=2))
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+
+    if jax.process_index() != 0:  # gather in step with process 0, write nothing
+        for name, _, _ in specs:
+            produce(name)
+        if reward:
+            partitioning.to_host(params["head_w"].get_value())
+            partitioning.to_host(params["head_b"].get_value())
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
