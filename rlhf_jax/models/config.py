@@ -71,9 +71,24 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # LoRA (Hu et al. 2021, arXiv:2106.09685): rank-`lora_rank` adapters W + (alpha/rank) A B on
+    # the projections whose path (`blocks/3/attn/wq`) matches a `lora_targets` regex; 0 = off.
+    # See rlhf_jax.models.lora.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("attn/wq$", "attn/wv$")
 
     def __post_init__(self):
         kv = self.num_kv_heads
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_rank and self.fused_qkv:
+            raise ValueError("LoRA adapters need separate Q/K/V projections (fused_qkv=False)")
+        if self.lora_dropout:
+            # Dropout needs a per-step rng inside the forward, which the steps do not pass yet.
+            raise ValueError("lora_dropout > 0 is not supported yet; use 0.0")
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(f"rope_scaling={self.rope_scaling!r}; 'none', 'linear' or 'llama3'")
         if self.attn_head_dim is None and self.d_model % self.n_heads:
@@ -101,6 +116,10 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
     def dtype(self):
         return DTYPES[self.compute_dtype]
 
@@ -109,7 +128,8 @@ class ModelConfig:
         return DTYPES[self.param_dtype]
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count of `Transformer(self)` (checked against the model in tests)."""
+        """Exact parameter count of `Transformer(self)` without LoRA adapters (checked against
+        the model in tests)."""
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.num_kv_heads * hd * 2
         if self.use_bias or self.qkv_bias:

@@ -594,8 +594,9 @@ def save_pretrained(
 ) -> Path:
     """Writes `model` as a `transformers` directory, one tensor at a time.
 
-    A `Transformer` becomes `<Family>ForCausalLM` (GPT-2: `GPT2LMHeadModel`); a `ScalarModel`
-    (reward model) becomes `<Family>ForSequenceClassification` with one label. An ensemble of
+    LoRA adapters are merged into their weights first (`lora.merged`; `lora.save_peft` writes
+    them apart instead). A `Transformer` becomes `<Family>ForCausalLM` (GPT-2:
+    `GPT2LMHeadModel`); a `ScalarModel` (reward model) becomes `<Family>ForSequenceClassification` with one label. An ensemble of
     K heads exports its mean head (the mean of linear heads is the linear head of the mean
     weights, so the HF score is the ensemble's mean score); the K heads and the biases
     (`transformers` score layers have none, so HF scores lack the constant mean bias, which
@@ -618,6 +619,10 @@ def save_pretrained(
     out = Path(path).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    if config.lora_rank:  # a plain checkpoint: adapters merged into their weights
+        from rlhf_jax.models import lora
+
+        config, model = lora.merged(model, config)
     reward = isinstance(model, ScalarModel)
     views = param_views(config, hf_model_type(config), reward=reward)
     hfc = hf_config(config, reward=reward, tokenizer=tokenizer)

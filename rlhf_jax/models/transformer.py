@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
@@ -150,7 +151,7 @@ def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1) -> jax.Array:
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, path: str = "attn"):
         self.cfg = cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's residual scaling
@@ -173,6 +174,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
             self.k_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
+        for name, n_in in (("wq", 1), ("wk", 1), ("wv", 1), ("wo", 2)):
+            if not cfg.fused_qkv or name == "wo":
+                lora.add_adapter(self, name, f"{path}/{name}", cfg, rngs, n_in)
 
     def _use_cudnn(self, right_padded: bool, dt) -> bool:
         """cuDNN flash attention: full causal forward, right padding only, half precision."""
@@ -195,6 +199,10 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dt))
+        if self.cfg.lora_rank:
+            q = lora.apply(self, "wq", x_BTD, q, 1, self.cfg)
+            k = lora.apply(self, "wk", x_BTD, k, 1, self.cfg)
+            v = lora.apply(self, "wv", x_BTD, v, 1, self.cfg)
         if self.cfg.use_bias or self.cfg.qkv_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
@@ -239,6 +247,8 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
         out = wlc(out, ("batch", "length", "act_heads", None))
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        if cfg.lora_rank:
+            y = lora.apply(self, "wo", out, y, 2, cfg)
         if cfg.use_bias:
             y = y + self.bo[...].astype(dt)
         return y, cache
@@ -247,7 +257,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GELU (GPT-2, tanh approximation) or SwiGLU (Llama) feed-forward block."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, path: str = "mlp"):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.d_ff
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
@@ -260,14 +270,21 @@ class MLP(nnx.Module):
             if cfg.mlp == "swiglu":
                 self.bg = _param(rngs, (f,), ("mlp",), cfg, value=0.0)
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+        for name, n_in in (("wi", 1), ("wg", 1), ("wo", 1)):
+            if hasattr(self, name):
+                lora.add_adapter(self, name, f"{path}/{name}", cfg, rngs, n_in)
 
     def __call__(self, x_BTD):
         cfg, dt = self.cfg, x_BTD.dtype
         h = x_BTD @ self.wi[...].astype(dt)
+        if cfg.lora_rank:
+            h = lora.apply(self, "wi", x_BTD, h, 1, cfg)
         if cfg.use_bias:
             h = h + self.bi[...].astype(dt)
         if cfg.mlp == "swiglu":
             g = x_BTD @ self.wg[...].astype(dt)
+            if cfg.lora_rank:
+                g = lora.apply(self, "wg", x_BTD, g, 1, cfg)
             if cfg.use_bias:
                 g = g + self.bg[...].astype(dt)
             h = jax.nn.silu(g) * h
@@ -275,6 +292,8 @@ class MLP(nnx.Module):
             h = jax.nn.gelu(h, approximate=True)
         h = wlc(h, ("batch", "length", "act_mlp"))
         y = h @ self.wo[...].astype(dt)
+        if cfg.lora_rank:
+            y = lora.apply(self, "wo", h, y, 1, cfg)
         if cfg.use_bias:
             y = y + self.bo[...].astype(dt)
         return y
@@ -283,9 +302,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.ln1, self.attn = Norm(cfg, rngs), Attention(cfg, rngs)
-        self.ln2, self.mlp = Norm(cfg, rngs), MLP(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
+        self.ln1 = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs, path=f"blocks/{layer}/attn")
+        self.ln2 = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, path=f"blocks/{layer}/mlp")
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None, right_padded=False):
         a, cache = self.attn(self.ln1(x), positions, mask, cache, cache_index, right_padded)
@@ -320,7 +341,7 @@ class Transformer(nnx.Module):
             self.pos_embed = _param(
                 rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, std=0.01
             )
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs, layer=i) for i in range(cfg.n_layers)])
         self.ln_f = Norm(cfg, rngs)
         if lm_head and not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
