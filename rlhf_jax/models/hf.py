@@ -598,7 +598,8 @@ def save_pretrained(
     them apart instead). A `Transformer` becomes `<Family>ForCausalLM` (GPT-2:
     `GPT2LMHeadModel`); a `ScalarModel` (reward model) becomes
     `<Family>ForSequenceClassification` with one label. An ensemble of K heads exports its
-    mean head (the mean of linear heads is the linear head of the mean weights, so the HF score is the ensemble's mean score); the K heads and the biases
+    mean head (the mean of linear heads is the linear head of the mean weights, so the HF
+    score is the ensemble's mean score); the K heads and the biases
     (`transformers` score layers have none, so HF scores lack the constant mean bias, which
     Bradley-Terry preferences do not see) go to `reward_heads.safetensors` beside it, and
     `load_pretrained` restores them. The folder is written under a temporary name and renamed
