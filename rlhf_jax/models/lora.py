@@ -237,3 +237,21 @@ def save_peft(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def with_fresh_adapters(
+    params: Any, cfg: ModelConfig, cls: type, model_kwargs: dict, key: jax.Array, mesh, rules
+) -> Any:
+    """Base parameters (from a checkpoint without adapters) plus freshly initialised adapters,
+    created straight into their shardings (the jitted init returns only the adapters, so XLA
+    never materialises a second set of base weights)."""
+    from rlhf_jax import partitioning
+
+    if not cfg.lora_rank or has_adapters(params):
+        return params
+
+    def create(k):
+        return adapters_only(nnx.state(cls(cfg, rngs=nnx.Rngs(k), **model_kwargs), nnx.Param))
+
+    adapters, _ = partitioning.sharded_init(create, key, mesh, rules)
+    return nnx.merge_state(params, adapters)

@@ -23,7 +23,7 @@ import gin
 import numpy as np
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import model_config
+from rlhf_jax.models import lora, model_config
 from rlhf_jax.steps.sft import SFTConfig, SFTHParams, sft_eval_step, sft_step, summarize_eval
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir, write_model_info
@@ -176,6 +176,7 @@ def sft_stage(
             cfg = stages.fit_vocab(cfg, sft_data.vocab_size, match=False)
         else:
             cfg = stages.fit_vocab(model_config(), sft_data.vocab_size, match_vocab)
+        cfg = lora.with_lora(cfg)  # LoRA adapters when gin/algorithms/lora.gin sets a rank
         stages.check_seq_len(cfg, sft_data.seq_len)
         optimizer = stages.build_optimizer(loop_cfg.train_steps)
         factory, _ = stages.model_state_factory(

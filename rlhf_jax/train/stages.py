@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax.models import ModelConfig
+from rlhf_jax.models import ModelConfig, lora
 from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
 from rlhf_jax.train.checkpoint import MODEL_CLASSES, load_params
 from rlhf_jax.train.optim import Optimizer, make_optimizer
@@ -125,7 +125,11 @@ def model_state_factory(
     def init_from_checkpoint() -> TrainState:
         loaded = load_params(init_from, mesh=mesh, rules=rules)
         log.info("initialising from %s (step %d)", loaded.run_dir, loaded.step)
+        # LoRA on a plain checkpoint: its weights are the frozen base, the adapters start fresh.
+        params = lora.with_fresh_adapters(
+            loaded.params, cfg, cls, kwargs, jax.random.key(seed), mesh, rules
+        )
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            return jax.jit(from_params, out_shardings=factory.shardings)(loaded.params)
+            return jax.jit(from_params, out_shardings=factory.shardings)(params)
 
     return dataclasses.replace(factory, init=init_from_checkpoint), graphdef
