@@ -241,7 +241,8 @@ def dpo_stage(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from,
             with_ref=step_cfg.uses_ref_params and not cfg.lora_rank,
         )  # fmt: skip
-        write_model_info(run_dir_path, cfg, tokenizer_path=tok.path)
+        write_model_info(run_dir_path, cfg, tokenizer_path=tok.path,
+                         lora_base=init_from if cfg.lora_rank else None)  # fmt: skip
 
         summary_extra: dict[str, Any] = {}
         if step_cfg.needs_reference and reference == "precomputed":

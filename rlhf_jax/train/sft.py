@@ -182,7 +182,8 @@ def sft_stage(
         factory, _ = stages.model_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from
         )
-        write_model_info(run_dir_path, cfg, tokenizer_path=sft_data.tokenizer_path)
+        write_model_info(run_dir_path, cfg, tokenizer_path=sft_data.tokenizer_path,
+                         lora_base=init_from if cfg.lora_rank else None)  # fmt: skip
         step_cfg = SFTConfig(grad_accum_steps=grad_accum_steps, logits_chunk_size=logits_chunk_size)
         spec = LoopSpec(
             step_fn=functools.partial(sft_step, cfg=step_cfg),

@@ -50,7 +50,35 @@ def lora_run(sft_run, reviews, tmp_path_factory):
     ]  # fmt: skip
     assert cli.main(argv) == 0
     gin.clear_config()
+    # Resuming restores the adapters from the run and the base from the SFT run.
+    assert cli.main([*argv, "--gin.TRAIN_STEPS=4"]) == 0
+    gin.clear_config()
     return run
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_checkpoint_holds_adapters_only(lora_run, sft_run):
+    import json
+
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert summary["step"] == 4
+    step = max(int(p.name) for p in (lora_run / "checkpoints").iterdir() if p.name.isdigit())
+    ckpt = lora_run / "checkpoints" / str(step)
+    sft_step = max(int(p.name) for p in (sft_run / "checkpoints").iterdir() if p.name.isdigit())
+    base_bytes = _dir_bytes(sft_run / "checkpoints" / str(sft_step) / "params")
+    base_state = _dir_bytes(sft_run / "checkpoints" / str(sft_step) / "state")
+    tuned = _flat(load_params(lora_run).params)
+    adapter_bytes = sum(v.nbytes for k, v in tuned.items() if lora.is_adapter(k))
+    params_bytes, state_bytes = _dir_bytes(ckpt / "params"), _dir_bytes(ckpt / "state")
+    print(f"LoRA checkpoint params {params_bytes} B, state {state_bytes} B; adapters "
+          f"{adapter_bytes} B; the SFT checkpoint's params {base_bytes} B, state "
+          f"{base_state} B")  # fmt: skip
+    # Adapters (plus orbax's metadata), and optimiser moments of the adapters only.
+    assert params_bytes < adapter_bytes + 64 * 1024 < base_bytes / 4
+    assert state_bytes < base_state / 4
 
 
 def test_only_adapters_change(lora_run, sft_run):
