@@ -435,7 +435,10 @@ def load_pretrained(
         arr = tensors.array(view.hf_name)
 
         def slice_for(index):
-            return view.read(arr, index).astype(pdtype)
+            out = np.ascontiguousarray(view.read(arr, index).astype(pdtype, copy=False))
+            # On CPU jax may adopt the array's memory as the device buffer: it must own it,
+            # never alias the read-only map of the file.
+            return out.copy() if np.may_share_memory(out, arr) else out
 
         return var.replace(jax.make_array_from_callback(shape, sharding, slice_for))
 
