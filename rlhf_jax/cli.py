@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("out_dir", help="the Hugging Face directory to write")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (newest)")
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+            p.add_argument("--peft", action="store_true", help="LoRA run: adapters in PEFT format")
     return parser
 
 
@@ -172,7 +173,7 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
         registry.quickstart(out_dir=args.out_dir, fast=args.fast)
     elif args.command == "export":
         registry.export_command(
-            args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite
+            args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite, peft=args.peft
         )
     return 0
 

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import ScalarModel, hf
+from rlhf_jax.models import ScalarModel, hf, lora
 from rlhf_jax.train.checkpoint import (
     CHECKPOINT_DIR,
     ITEMS,
@@ -106,8 +106,14 @@ def export_run(
     *,
     step: int | None = None,
     overwrite: bool = False,
+    peft: bool = False,
 ) -> Path:
     """Writes a run's model (policy or reward model) as a Hugging Face directory.
+
+    A LoRA run exports with its adapters merged into a plain checkpoint, or, with `peft`, as
+    the adapters alone in PEFT's format (adapter_config.json + adapter_model.safetensors, with
+    `base_model_name_or_path` the HF directory the base came from when the run started from
+    one).
 
     Args:
       run_dir: a run directory, its checkpoints/ folder or one checkpoint step folder.
@@ -115,6 +121,7 @@ def export_run(
         `AutoModelForCausalLM` or, for a reward model, `AutoModelForSequenceClassification`).
       step: which checkpoint (default: the newest that restores).
       overwrite: replace a non-empty `out_dir`.
+      peft: write a LoRA run's adapters in PEFT's format instead of a merged checkpoint.
 
     Returns:
       `out_dir`.
@@ -128,13 +135,29 @@ def export_run(
     info = read_model_info(loaded.run_dir)
     tok = Tokenizer.from_file(info["tokenizer"]) if info.get("tokenizer") else None
     kind = "reward model" if isinstance(model, ScalarModel) else "policy"
+    if peft:
+        if not loaded.config.lora_rank:
+            raise hf.HFError(f"{loaded.run_dir} is not a LoRA run: nothing to export as PEFT")
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise hf.HFError(f"{out} exists and is not empty (--overwrite replaces it)")
+        base = info.get("lora_base")
+        source = Path(base) / "source.json" if base else None
+        if source is not None and source.is_file():
+            base = json.loads(source.read_text())["hf_path"]
+        return lora.save_peft(model, loaded.config, out, base_model=base)
     out = hf.save_pretrained(model, loaded.config, out_dir, tokenizer=tok, overwrite=overwrite)
     log.info("exported the %s of %s (step %d) to %s", kind, loaded.run_dir, loaded.step, out)
     return out
 
 
 def export_command(
-    run_dir: str, out_dir: str, *, step: int | None = None, overwrite: bool = False
+    run_dir: str,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    overwrite: bool = False,
+    peft: bool = False,
 ) -> Path:
     """`rlhf-jax export RUN_DIR OUT_DIR`: `export_run` with bad paths and files reported as
     user errors (exit code 2, one message)."""
@@ -143,6 +166,6 @@ def export_command(
     from rlhf_jax.train.checkpoint import CheckpointRestoreError
 
     try:
-        return export_run(run_dir, out_dir, step=step, overwrite=overwrite)
+        return export_run(run_dir, out_dir, step=step, overwrite=overwrite, peft=peft)
     except (FileNotFoundError, CheckpointRestoreError, TokenizerError) as e:
         raise GinConfigError(f"export {run_dir}: {e}") from e
