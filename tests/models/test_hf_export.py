@@ -179,3 +179,33 @@ def test_sharded_checkpoint_loads_each_slice(tmp_path, mesh, monkeypatch):
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
     sharding = nnx.state(b, nnx.Param)["blocks"][0]["attn"]["wq"].get_value().sharding
     assert sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+
+
+def test_tokenizer_and_chat_template_travel_with_the_model(tmp_path):
+    """save_pretrained writes the tokenizer with its special tokens and chat template, which
+    `transformers` applies and `load_tokenizer` reads back."""
+    import tokenizers
+
+    from rlhf_jax.data.tokenizer import Tokenizer
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "user:", "assistant:", "hello", "there"]
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    src = tmp_path / "tok"
+    src.mkdir()
+    backend.save(str(src / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = Tokenizer.from_file(src)
+    cfg = model_config("llama-tiny", vocab_size=len(words))
+    hf.save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path / "out", tokenizer=tok)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "there"}]
+    assert theirs.apply_chat_template(chat, tokenize=False) == "user: hello assistant: there "
+    assert theirs.pad_token == "<pad>" and theirs.eos_token == "<eos>"
+    back = hf.load_tokenizer(tmp_path / "out")
+    assert back.chat_template == template and (back.bos_id, back.eos_id, back.pad_id) == (1, 2, 0)
