@@ -86,9 +86,8 @@ class ModelConfig:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0")
         if self.lora_rank and self.fused_qkv:
             raise ValueError("LoRA adapters need separate Q/K/V projections (fused_qkv=False)")
-        if self.lora_dropout:
-            # Dropout needs a per-step rng inside the forward, which the steps do not pass yet.
-            raise ValueError("lora_dropout > 0 is not supported yet; use 0.0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.rope_scaling not in ("none", "linear", "llama3"):
             raise ValueError(f"rope_scaling={self.rope_scaling!r}; 'none', 'linear' or 'llama3'")
         if self.attn_head_dim is None and self.d_model % self.n_heads:

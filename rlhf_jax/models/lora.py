@@ -15,6 +15,8 @@ writing them in PEFT's adapter format.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -49,6 +51,24 @@ HF_MODULES = {
 
 class LoRAParam(nnx.Param):
     """An adapter matrix: a `Param` (so it is in `nnx.state(model, nnx.Param)`) of its own type."""
+
+
+# The rng of the adapter dropout of the forward being traced, and a count of the adapters it
+# has reached (each gets its own key). Set by a training step's loss (`with dropout(rng):`), so
+# the key derives from the step's rng (a resumed run draws the same masks); unset in eval
+# steps and sampling, where there is no dropout.
+_DROPOUT: contextvars.ContextVar = contextvars.ContextVar("lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout(rng: jax.Array):
+    """Adapter dropout inside this block of a traced training loss (no-op without adapters or
+    with `lora_dropout = 0`)."""
+    token = _DROPOUT.set([rng, 0])
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
 
 
 @gin.configurable
@@ -100,6 +120,12 @@ def apply(module, name: str, x: jax.Array, y: jax.Array, n_in: int, cfg: ModelCo
     if a is None:
         return y
     dt = x.dtype
+    active = _DROPOUT.get()
+    if active is not None and cfg.lora_dropout > 0:  # dropout on the adapter's input (PEFT's)
+        key = jax.random.fold_in(active[0], active[1])
+        active[1] += 1
+        keep = jax.random.bernoulli(key, 1.0 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(dt)
     h = jnp.tensordot(x, a[...].astype(dt), axes=n_in)
     b = getattr(module, f"{name}_lora_b")[...].astype(dt)
     return y + (cfg.lora_scale * jnp.tensordot(h, b, axes=1)).astype(y.dtype)

@@ -302,7 +302,8 @@ def dpo_step(
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params, micro_batch, _rng):
-        return dpo_loss_sums(state, params, micro_batch, hp, cfg)
+        with lora.dropout(_rng):  # LoRA adapter dropout (a no-op without it)
+            return dpo_loss_sums(state, params, micro_batch, hp, cfg)
 
     grads, loss_sum, sums = accumulate_gradients(
         loss_fn, state.params, batch, rng, cfg.grad_accum_steps

@@ -34,6 +34,7 @@ def lora_run(sft_run, reviews, tmp_path_factory):
         f"--gin.PREFERENCES={prefs}",
         "--gin.REFERENCE='params'",
         "--gin.LORA_RANK=4",
+        "--gin.LORA_DROPOUT=0.1",
         "--gin.LORA_TARGETS=('attn/w[qv]$', 'mlp/wo$')",
         "--gin.TRAIN_STEPS=3",
         "--gin.BATCH_SIZE=16",

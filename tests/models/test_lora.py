@@ -110,3 +110,24 @@ def test_peft_export_layout_and_logits(tmp_path):
     with torch.no_grad():
         got = theirs(input_ids=torch.as_tensor(np.array(_ids()))).logits.numpy()
     np.testing.assert_allclose(got, _logits(model), atol=1e-4, rtol=0)
+
+
+def test_adapter_dropout_only_inside_a_training_loss():
+    cfg, model = _adapted()
+    dropped = nnx.merge(
+        nnx.graphdef(Transformer(cfg.__class__(**{**cfg.__dict__, "lora_dropout": 0.5}),
+                                 rngs=nnx.Rngs(0))),
+        nnx.state(model, nnx.Param),
+    )  # fmt: skip
+    np.testing.assert_array_equal(_logits(dropped), _logits(model))  # eval: no dropout
+    with lora.dropout(jax.random.key(0)):
+        a = _logits(dropped)
+    with lora.dropout(jax.random.key(0)):
+        b = _logits(dropped)
+    with lora.dropout(jax.random.key(1)):
+        c = _logits(dropped)
+    np.testing.assert_array_equal(a, b)  # the masks follow the key
+    assert np.abs(a - _logits(model)).max() > 1e-4 and np.abs(a - c).max() > 1e-4
+    with lora.dropout(jax.random.key(0)):  # lora_dropout = 0: no effect
+        inside = _logits(model)
+    np.testing.assert_array_equal(inside, _logits(model))
