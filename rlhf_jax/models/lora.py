@@ -83,11 +83,33 @@ def lora_settings(
 
 
 def with_lora(cfg: ModelConfig, settings: dict[str, Any] | None = None) -> ModelConfig:
-    """`cfg` with the gin-configured (or given) LoRA settings; unchanged when rank is 0."""
+    """`cfg` with the gin-configured (or given) LoRA settings; unchanged when rank is 0.
+
+    Raises:
+      ValueError: gin sets a rank but not `make_optimizer.trainable` (the base would train
+        too, while checkpoints keep only the adapters).
+    """
+    from_gin = settings is None
     settings = lora_settings() if settings is None else settings
     if not settings.get("lora_rank"):
         return cfg
+    if from_gin:
+        try:
+            trainable = gin.query_parameter("make_optimizer.trainable")
+        except ValueError:
+            trainable = None
+        if not trainable:
+            raise ValueError(
+                "LoRA needs make_optimizer.trainable = ['_lora_[ab]$'] so that only the adapters "
+                "train (include gin/algorithms/lora.gin)"
+            )
     return dataclasses.replace(cfg, **settings)
+
+
+def check_unsupported(stage: str) -> None:
+    """Refuses gin LoRA settings in a stage that does not implement LoRA yet."""
+    if lora_settings().get("lora_rank"):
+        raise ValueError(f"LoRA is not supported in the {stage} stage yet (set LORA_RANK = 0)")
 
 
 def targeted(cfg: ModelConfig, path: str) -> bool:

@@ -131,3 +131,18 @@ def test_adapter_dropout_only_inside_a_training_loss():
     with lora.dropout(jax.random.key(0)):  # lora_dropout = 0: no effect
         inside = _logits(model)
     np.testing.assert_array_equal(inside, _logits(model))
+
+
+def test_gin_lora_needs_the_adapter_only_optimizer():
+    import gin
+
+    from rlhf_jax.train import optim  # noqa: F401  (registers make_optimizer)
+
+    cfg = model_config("llama-tiny")
+    gin.parse_config("lora_settings.rank = 4")
+    with pytest.raises(ValueError, match="make_optimizer.trainable"):
+        lora.with_lora(cfg)
+    with pytest.raises(ValueError, match="not supported in the reward-model stage"):
+        lora.check_unsupported("reward-model")
+    gin.parse_config("make_optimizer.trainable = ['_lora_[ab]$']")
+    assert lora.with_lora(cfg).lora_rank == 4
