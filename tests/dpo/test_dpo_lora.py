@@ -77,8 +77,10 @@ def test_checkpoint_holds_adapters_only(lora_run, sft_run):
     print(f"LoRA checkpoint params {params_bytes} B, state {state_bytes} B; adapters "
           f"{adapter_bytes} B; the SFT checkpoint's params {base_bytes} B, state "
           f"{base_state} B")  # fmt: skip
-    # Adapters (plus orbax's metadata), and optimiser moments of the adapters only.
-    assert params_bytes < adapter_bytes + 64 * 1024 < base_bytes / 4
+    # Adapters and their optimiser moments only; on this tiny model orbax's per-checkpoint
+    # metadata (tens of KB, varying from run to run) is most of what remains.
+    assert adapter_bytes < base_bytes / 30
+    assert params_bytes < base_bytes / 4
     assert state_bytes < base_state / 4
 
 
