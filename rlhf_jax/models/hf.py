@@ -80,11 +80,23 @@ class _Tensors:
                 "safetensors)" if pickled else ""  # fmt: skip
             raise HFError(f"no model.safetensors or model.safetensors.index.json in {root}{hint}")
 
+        self.stored = {name: name for name in self.where}  # our name -> name in the file
+
+    def add_prefix(self, prefix: str, unprefixed: tuple[str, ...]) -> None:
+        """Names as `transformers` saves a model with its head, for files saved from the bare
+        base model or by older versions (the original GPT-2 checkpoint has `h.0...`, not
+        `transformer.h.0...`), when no tensor carries the prefix yet."""
+        if any(n.startswith(prefix) for n in self.where):
+            return
+        rename = {n: n if n in unprefixed else prefix + n for n in self.where}
+        self.where = {rename[n]: f for n, f in self.where.items()}
+        self.stored = {rename[n]: n for n in self.stored}
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.where[name].shape(name)
+        return self.where[name].shape(self.stored[name])
 
     def array(self, name: str) -> np.ndarray:
-        return self.where[name].array(name)
+        return self.where[name].array(self.stored[name])
 
 
 def _check_tensors(tensors: _Tensors, views: Mapping[str, View], tie: bool) -> None:
@@ -152,6 +164,8 @@ def load_pretrained(
     reward = _is_reward(hf)
     views = param_views(cfg, hf["model_type"], reward=reward)
     tensors = _Tensors(root)
+    prefix = "transformer." if hf["model_type"] == "gpt2" else "model."
+    tensors.add_prefix(prefix, ("lm_head.weight", "score.weight"))
     _check_tensors(tensors, views, cfg.tie_embeddings)
     mesh = mesh if mesh is not None else partitioning.make_mesh()
     rules = rules if rules is not None else partitioning.logical_rules()

@@ -209,3 +209,21 @@ def test_tokenizer_and_chat_template_travel_with_the_model(tmp_path):
     assert theirs.pad_token == "<pad>" and theirs.eos_token == "<eos>"
     back = hf.load_tokenizer(tmp_path / "out")
     assert back.chat_template == template and (back.bos_id, back.eos_id, back.pad_id) == (1, 2, 0)
+
+
+def test_unprefixed_gpt2_checkpoint_with_buffers_loads(tmp_path, mesh):
+    """The original GPT-2 checkpoint's layout: no `transformer.` prefix, causal-mask buffers."""
+    model = make_hf_model("gpt2")
+    model.save_pretrained(tmp_path / "hf")
+
+    def old_layout(t):
+        out = {k.removeprefix("transformer."): v for k, v in t.items()}
+        out["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+        return out
+
+    old = _rewrite(tmp_path / "hf", tmp_path / "old", old_layout)
+    _, a = hf.load_pretrained(tmp_path / "hf", mesh=mesh)
+    _, b = hf.load_pretrained(old, mesh=mesh)
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
