@@ -27,6 +27,8 @@ COMMANDS = {
     "make-preferences": "sample K completions per prompt, score them with the gold judge and "
     "label preference pairs",
     "quickstart": "the whole offline pipeline on the built-in reviews task, on CPU",
+    "export": "write a run's model (policy or reward model) as a Hugging Face directory: "
+    "rlhf-jax export RUN_DIR OUT_DIR",
 }
 
 EPILOG = """\
@@ -105,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--fast", action="store_true", help="a much smaller run (for smoke tests)"
             )
+        if name == "export":
+            p.add_argument("run_dir", help="run directory (or checkpoints/ or a step folder)")
+            p.add_argument("out_dir", help="the Hugging Face directory to write")
+            p.add_argument("--step", type=int, default=None, help="checkpoint step (newest)")
+            p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+            p.add_argument("--peft", action="store_true", help="LoRA run: adapters in PEFT format")
     return parser
 
 
@@ -171,6 +179,10 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
         registry.make_preferences_command()
     elif args.command == "quickstart":
         registry.quickstart(out_dir=args.out_dir, fast=args.fast)
+    elif args.command == "export":
+        registry.export_command(
+            args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite, peft=args.peft
+        )
     return 0
 
 

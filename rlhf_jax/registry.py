@@ -17,11 +17,13 @@ from rlhf_jax.models import config  # noqa: F401
 from rlhf_jax.quickstart import quickstart  # noqa: F401
 from rlhf_jax.train import (  # noqa: F401
     dpo,  # noqa: F401
+    hf_import,
     loop,
     optim,
     reward,
     sft,
 )
+from rlhf_jax.train.hf_import import export_command  # noqa: F401
 
 
 # Defined here rather than in cli.py: under `python -m rlhf_jax.cli` that module is __main__ as

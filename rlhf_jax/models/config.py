@@ -38,7 +38,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
     d_ff: int = 256
     max_seq_len: int = 128
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"] = "gpt2"
     pos_emb: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
@@ -59,6 +59,27 @@ class ModelConfig:
     # faster is a per-device question (benchmarks/bench_generate.py --variants).
     decode_attention: Literal["einsum", "reduce"] = "einsum"
     init_std: float = 0.02
+    # Switches for imported Hugging Face families (rlhf_jax.models.hf). Qwen2: biases on the
+    # Q/K/V projections only (`use_bias` puts biases everywhere, GPT-2 style).
+    qkv_bias: bool = False
+    # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE.
+    qk_norm: bool = False
+    # Width of one attention head when it is not d_model // n_heads (Qwen3, some Llamas).
+    attn_head_dim: int | None = None
+    # RoPE frequency scaling: "none", "linear" (positions / factor) or "llama3" (Llama 3.1's
+    # wavelength-dependent scaling with low/high frequency factors and the original context).
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # LoRA (Hu et al. 2021, arXiv:2106.09685): rank-`lora_rank` adapters W + (alpha/rank) A B on
+    # the projections whose path (`blocks/3/attn/wq`) matches a `lora_targets` regex; 0 = off.
+    # See rlhf_jax.models.lora.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("attn/wq$", "attn/wv$")
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -70,7 +91,16 @@ class ModelConfig:
         ):
             raise SettingsError(f"model_config.n_kv_heads={self.n_kv_heads!r} must be >= 1")
         kv = self.num_kv_heads
-        if self.d_model % self.n_heads:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
+        if self.lora_rank < 0:
+            raise SettingsError(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_rank and self.fused_qkv:
+            raise SettingsError("LoRA adapters need separate Q/K/V projections (fused_qkv=False)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SettingsError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise SettingsError(f"rope_scaling={self.rope_scaling!r}; 'none', 'linear' or 'llama3'")
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise SettingsError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
@@ -92,7 +122,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.attn_head_dim is not None:
+            return self.attn_head_dim
         return self.d_model // self.n_heads
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def dtype(self):
@@ -103,11 +139,16 @@ class ModelConfig:
         return DTYPES[self.param_dtype]
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count of `Transformer(self)` (checked against the model in tests)."""
+        """Exact parameter count of `Transformer(self)` without LoRA adapters (checked against
+        the model in tests)."""
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.num_kv_heads * hd * 2
+        if self.use_bias or self.qkv_bias:
+            attn += self.n_heads * hd + 2 * self.num_kv_heads * hd
         if self.use_bias:
-            attn += self.n_heads * hd + 2 * self.num_kv_heads * hd + d
+            attn += d
+        if self.qk_norm:
+            attn += 2 * hd
         n_mlp_in = 2 if self.mlp == "swiglu" else 1
         mlp = n_mlp_in * d * f + f * d + (n_mlp_in * f + d if self.use_bias else 0)
         norm = d * (2 if self.norm == "layernorm" else 1)

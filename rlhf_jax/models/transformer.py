@@ -17,8 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.partitioning import with_logical_constraint as wlc
 
@@ -40,11 +42,12 @@ def _param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, std=None, value=No
 class Norm(nnx.Module):
     """LayerNorm or RMSNorm over the last axis, computed in fp32."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=1.0)
-        if cfg.norm == "layernorm":
-            self.bias = _param(rngs, (cfg.d_model,), ("norm",), cfg, value=0.0)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None, kind=None):
+        self.kind, self.eps = kind or cfg.norm, cfg.norm_eps
+        dim = cfg.d_model if dim is None else dim
+        self.scale = _param(rngs, (dim,), ("norm",), cfg, value=1.0)
+        if self.kind == "layernorm":
+            self.bias = _param(rngs, (dim,), ("norm",), cfg, value=0.0)
 
     def __call__(self, x):
         dtype = x.dtype
@@ -58,10 +61,41 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim/2] (fp32), with the config's frequency scaling.
+
+    "linear" divides every frequency by the factor (positions / factor). "llama3" is Llama
+    3.1's scaling (Meta's reference code, `apply_scaling`): wavelengths shorter than
+    `original_max_len / high_freq_factor` are kept, those longer than
+    `original_max_len / low_freq_factor` are divided by the factor, and the band between is
+    interpolated linearly in `original_max_len / wavelength`.
+    """
+    half = cfg.head_dim // 2
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) / half))
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        inv = inv / factor
+    elif cfg.rope_scaling == "llama3":
+        wavelen = 2 * np.pi / inv
+        old = cfg.rope_original_max_len
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(
+            wavelen > low_wavelen, inv / factor, np.where(wavelen < high_wavelen, inv, mid)
+        )
+    return inv.astype(np.float32)
+
+
+def rope(
+    x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, inv_freq: Any = None
+) -> jax.Array:
     """Rotary embedding, half-split pairing (the Hugging Face Llama convention)."""
     half = x_BTNH.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
     angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -117,7 +151,7 @@ def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1) -> jax.Array:
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, path: str = "attn"):
         self.cfg = cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2's residual scaling
@@ -128,14 +162,21 @@ class Attention(nnx.Module):
             self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
             self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             if cfg.fused_qkv:
                 self.bqkv = _param(rngs, (3, h, hd), (None, "heads", "head_dim"), cfg, value=0.0)
             else:
                 self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, value=0.0)
                 self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
                 self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), cfg, value=0.0)
+        if cfg.use_bias:
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
+            self.k_norm = Norm(cfg, rngs, dim=hd, kind="rmsnorm")
+        for name, n_in in (("wq", 1), ("wk", 1), ("wv", 1), ("wo", 2)):
+            if not cfg.fused_qkv or name == "wo":
+                lora.add_adapter(self, name, f"{path}/{name}", cfg, rngs, n_in)
 
     def _use_cudnn(self, right_padded: bool, dt) -> bool:
         """cuDNN flash attention: full causal forward, right padding only, half precision."""
@@ -152,13 +193,17 @@ class Attention(nnx.Module):
         dt = x_BTD.dtype
         if self.cfg.fused_qkv:
             qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.wqkv[...].astype(dt))
-            if self.cfg.use_bias:
+            if self.cfg.use_bias or self.cfg.qkv_bias:
                 qkv = qkv + self.bqkv[...].astype(dt)
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_BTD, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x_BTD, self.wv[...].astype(dt))
-        if self.cfg.use_bias:
+        if self.cfg.lora_rank:
+            q = lora.apply(self, "wq", x_BTD, q, 1, self.cfg)
+            k = lora.apply(self, "wk", x_BTD, k, 1, self.cfg)
+            v = lora.apply(self, "wv", x_BTD, v, 1, self.cfg)
+        if self.cfg.use_bias or self.cfg.qkv_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
                 k + self.bk[...].astype(dt),
@@ -169,8 +214,12 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, positions_BT, mask_BS, cache, cache_index, right_padded):
         cfg, dt = self.cfg, x_BTD.dtype
         q, k, v = self._project(x_BTD)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.pos_emb == "rope":
-            q, k = rope(q, positions_BT, cfg.rope_theta), rope(k, positions_BT, cfg.rope_theta)
+            inv_freq = None if cfg.rope_scaling == "none" else rope_inv_freq(cfg)
+            q = rope(q, positions_BT, cfg.rope_theta, inv_freq)
+            k = rope(k, positions_BT, cfg.rope_theta, inv_freq)
         q = wlc(q, ("batch", "length", "act_heads", None))
         k = wlc(k, ("batch", "length", "act_kv_heads", None))
         v = wlc(v, ("batch", "length", "act_kv_heads", None))
@@ -198,6 +247,8 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
         out = wlc(out, ("batch", "length", "act_heads", None))
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        if cfg.lora_rank:
+            y = lora.apply(self, "wo", out, y, 2, cfg)
         if cfg.use_bias:
             y = y + self.bo[...].astype(dt)
         return y, cache
@@ -206,7 +257,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GELU (GPT-2, tanh approximation) or SwiGLU (Llama) feed-forward block."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, path: str = "mlp"):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.d_ff
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
@@ -219,14 +270,21 @@ class MLP(nnx.Module):
             if cfg.mlp == "swiglu":
                 self.bg = _param(rngs, (f,), ("mlp",), cfg, value=0.0)
             self.bo = _param(rngs, (d,), ("norm",), cfg, value=0.0)
+        for name, n_in in (("wi", 1), ("wg", 1), ("wo", 1)):
+            if hasattr(self, name):
+                lora.add_adapter(self, name, f"{path}/{name}", cfg, rngs, n_in)
 
     def __call__(self, x_BTD):
         cfg, dt = self.cfg, x_BTD.dtype
         h = x_BTD @ self.wi[...].astype(dt)
+        if cfg.lora_rank:
+            h = lora.apply(self, "wi", x_BTD, h, 1, cfg)
         if cfg.use_bias:
             h = h + self.bi[...].astype(dt)
         if cfg.mlp == "swiglu":
             g = x_BTD @ self.wg[...].astype(dt)
+            if cfg.lora_rank:
+                g = lora.apply(self, "wg", x_BTD, g, 1, cfg)
             if cfg.use_bias:
                 g = g + self.bg[...].astype(dt)
             h = jax.nn.silu(g) * h
@@ -234,6 +292,8 @@ class MLP(nnx.Module):
             h = jax.nn.gelu(h, approximate=True)
         h = wlc(h, ("batch", "length", "act_mlp"))
         y = h @ self.wo[...].astype(dt)
+        if cfg.lora_rank:
+            y = lora.apply(self, "wo", h, y, 1, cfg)
         if cfg.use_bias:
             y = y + self.bo[...].astype(dt)
         return y
@@ -242,9 +302,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.ln1, self.attn = Norm(cfg, rngs), Attention(cfg, rngs)
-        self.ln2, self.mlp = Norm(cfg, rngs), MLP(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
+        self.ln1 = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs, path=f"blocks/{layer}/attn")
+        self.ln2 = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, path=f"blocks/{layer}/mlp")
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None, right_padded=False):
         a, cache = self.attn(self.ln1(x), positions, mask, cache, cache_index, right_padded)
@@ -279,7 +341,7 @@ class Transformer(nnx.Module):
             self.pos_embed = _param(
                 rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, std=0.01
             )
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs, layer=i) for i in range(cfg.n_layers)])
         self.ln_f = Norm(cfg, rngs)
         if lm_head and not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)

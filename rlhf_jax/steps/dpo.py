@@ -35,6 +35,7 @@ from rlhf_jax.losses.preference import (
     REFERENCE_FREE_TYPES,
     preference_loss,
 )
+from rlhf_jax.models import lora
 from rlhf_jax.ops import chunked_token_logprobs, sequence_logprobs
 from rlhf_jax.partitioning import with_logical_constraint
 from rlhf_jax.steps.common import Batch, Metrics, accumulate_gradients, apply_gradients
@@ -193,9 +194,14 @@ def reference_logps(state: TrainState, batch: Batch, cfg: DPOConfig) -> jax.Arra
                 f"reference='precomputed' needs {missing} in the batch (see train.ref_cache)"
             )
         return jnp.stack([batch[k] for k in REF_FIELDS], axis=1).astype(jnp.float32)
-    if state.ref_params is None:
+    if state.ref_params is None and lora.has_adapters(state.params):
+        # LoRA: the reference is the base model, i.e. the policy with its adapters off (the
+        # same base arrays; no second copy of the weights).
+        ref_params = jax.lax.stop_gradient(lora.without_adapters(state.params))
+    elif state.ref_params is None:
         raise ValueError("reference='params' needs TrainState.ref_params (with_ref=True)")
-    ref_params = jax.lax.stop_gradient(state.ref_params)
+    else:
+        ref_params = jax.lax.stop_gradient(state.ref_params)
     logps_B2, _ = pair_sequence_logps(state.graphdef, ref_params, batch, cfg.logits_chunk_size)
     return jax.lax.stop_gradient(logps_B2)
 
@@ -296,7 +302,8 @@ def dpo_step(
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params, micro_batch, _rng):
-        return dpo_loss_sums(state, params, micro_batch, hp, cfg)
+        with lora.dropout(_rng):  # LoRA adapter dropout (a no-op without it)
+            return dpo_loss_sums(state, params, micro_batch, hp, cfg)
 
     grads, loss_sum, sums = accumulate_gradients(
         loss_fn, state.params, batch, rng, cfg.grad_accum_steps

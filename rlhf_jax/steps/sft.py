@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rlhf_jax.models import lora
 from rlhf_jax.ops import chunked_token_logprobs, masked_sum
 from rlhf_jax.steps.common import Batch, Metrics, accumulate_gradients, apply_gradients
 from rlhf_jax.steps.state import TrainState
@@ -96,7 +97,8 @@ def sft_step(
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params, micro_batch, _rng):
-        return sft_nll(state.graphdef, params, micro_batch, cfg.logits_chunk_size)
+        with lora.dropout(_rng):  # LoRA adapter dropout (a no-op without it)
+            return sft_nll(state.graphdef, params, micro_batch, cfg.logits_chunk_size)
 
     grads, nll_sum, aux = accumulate_gradients(
         loss_fn, state.params, batch, rng, cfg.grad_accum_steps

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import atomic, partitioning
 from rlhf_jax.errors import RunDirMismatchError, UserError
-from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
+from rlhf_jax.models import ModelConfig, ScalarModel, Transformer, lora
 from rlhf_jax.steps.state import abstract_with_shardings
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,16 @@ class Checkpointer:
             create=True,
         )
         self.manager = self._open()
+        self._base: str | None = None
+
+    def _lora_base(self) -> str | None:
+        """The run a LoRA run's frozen base weights come from (model.json `lora_base`): its
+        checkpoints then hold only the adapters, the base is read from there on restore."""
+        if self._base is None:
+            path = self.directory.parent / MODEL_INFO
+            info = json.loads(path.read_text()) if path.exists() else {}
+            self._base = info.get("lora_base") or ""
+        return self._base or None
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=ITEMS)
@@ -166,8 +176,9 @@ class Checkpointer:
             return False
         if not self.best_metric or not metrics or self.best_metric not in metrics:
             metrics = None  # kept by LatestN only
+        saved = lora.adapters_only(state.params) if self._lora_base() else state.params
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
+            params=ocp.args.StandardSave(saved),
             state=ocp.args.StandardSave(state.replace(params=None)),
             aux=ocp.args.StandardSave({"hparams": hparams, "rng": jax.random.key_data(rng)}),
             meta=ocp.args.JsonSave(atomic.strict(dict(meta))),  # strict JSON, as every file
@@ -204,12 +215,14 @@ class Checkpointer:
             "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep),
         }
         errors, bad = [], []
+        base_run = self._lora_base()
+        target = lora.adapters_only(abstract_state.params) if base_run else abstract_state.params
         for step in steps:
             try:
                 r = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract_state.params),
+                        params=ocp.args.StandardRestore(target),
                         state=ocp.args.StandardRestore(abstract_state.replace(params=None)),
                         aux=ocp.args.StandardRestore(aux_target),
                         meta=ocp.args.JsonRestore(),
@@ -226,7 +239,10 @@ class Checkpointer:
                 continue
             if bad:
                 self._quarantine(bad)
-            state = r.state.replace(params=r.params)
+            params = r.params
+            if base_run:  # adapters from here, the frozen base from the run it started from
+                params = nnx.merge_state(load_params(base_run, mesh=mesh).params, params)
+            state = r.state.replace(params=params)
             rng = jax.random.wrap_key_data(r.aux["rng"], impl=jax.random.key_impl(rng_template))
             return Restored(step, state, r.aux["hparams"], rng, dict(r.meta or {}))
         raise CheckpointRestoreError(
@@ -269,9 +285,14 @@ def write_model_info(
     model_class: str = "Transformer",
     model_kwargs: Mapping[str, Any] | None = None,
     stage: str | None = None,
+    lora_base: str | None = None,
 ) -> Path:
     """Writes RUN_DIR/model.json: what a later stage needs to rebuild the model from the run
-    (`model_record`); callers check `check_run_identity` first."""
+    (`model_record`); callers check `check_run_identity` first.
+
+    `lora_base`: for a LoRA run, the run its frozen base weights come from; its checkpoints
+    then hold only the adapters (and their optimiser state).
+    """
     path = Path(run_dir) / MODEL_INFO
     info = model_record(
         cfg,
@@ -279,6 +300,7 @@ def write_model_info(
         model_class=model_class,
         model_kwargs=model_kwargs,
         stage=stage,
+        lora_base=lora_base,
     )
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +347,7 @@ def model_record(
     model_class: str = "Transformer",
     model_kwargs: Mapping[str, Any] | None = None,
     stage: str | None = None,
+    lora_base: str | None = None,
 ) -> dict[str, Any]:
     """The content of RUN_DIR/model.json: the model, its tokenizer and the stage that trains it
     (together the run's identity: a rerun must match it)."""
@@ -338,6 +361,8 @@ def model_record(
     }
     if stage is not None:
         record["stage"] = stage
+    if lora_base is not None:
+        record["lora_base"] = str(Path(lora_base).absolute())
     return json.loads(json.dumps(record))  # the JSON form (tuples -> lists), as stored
 
 
@@ -466,10 +491,16 @@ def load_params(
         if not candidates:
             raise NotARunDirError(f"no checkpoints under {ckpt_dir}")
         errors = []
+        base_run = info.get("lora_base") if abstract_params is None else None
+        if base_run:  # a LoRA run: the checkpoint holds the adapters only
+            target = lora.adapters_only(target)
         for s in candidates:
             try:
                 args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
                 params = mgr.restore(s, args=args).params
+                if base_run:
+                    base = load_params(base_run, mesh=mesh, rules=rules).params
+                    params = nnx.merge_state(base, params)
                 return LoadedModel(params, cfg, graphdef, info["tokenizer"], s, run_dir)
             except Exception as e:  # noqa: BLE001 - fall back to the previous checkpoint
                 log.warning("cannot load params of step %d from %s: %s", s, ckpt_dir, e)

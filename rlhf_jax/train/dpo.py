@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax import partitioning, paths, settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.data.batching import BatchIterator
-from rlhf_jax.models import ModelConfig, model_config
+from rlhf_jax.models import ModelConfig, lora, model_config
 from rlhf_jax.steps.dpo import DPOConfig, DPOHParams, dpo_eval_step, dpo_step, summarize_eval
 from rlhf_jax.train import ref_cache, stages
 from rlhf_jax.train.checkpoint import (
@@ -225,6 +225,7 @@ def dpo_stage(
             cfg = stages.fit_vocab(cfg, tok.vocab_size, match=False)
         else:
             cfg = stages.fit_vocab(model_config(), tok.vocab_size, match_vocab)
+        cfg = lora.with_lora(cfg)  # LoRA adapters when gin/algorithms/lora.gin sets a rank
         stages.check_seq_len(cfg, lengths["buckets"][-1])
 
         step_cfg = DPOConfig(
@@ -243,9 +244,12 @@ def dpo_stage(
         optimizer = stages.build_optimizer(loop_cfg.train_steps)
         factory, graphdef = stages.model_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from,
-            with_ref=step_cfg.uses_ref_params,
+            with_ref=step_cfg.uses_ref_params and not cfg.lora_rank,
         )  # fmt: skip
-        stages.record_model(run_dir_path, cfg, stage="dpo_stage", tokenizer_path=tok.path)
+        stages.record_model(
+            run_dir_path, cfg, stage="dpo_stage", tokenizer_path=tok.path,
+            lora_base=init_from if cfg.lora_rank else None,
+        )  # fmt: skip
 
         summary_extra: dict[str, Any] = stages.truncation_summary(
             {"train": getattr(train_it, "stats", None), "eval": getattr(eval_it, "stats", None)}

@@ -41,7 +41,7 @@ from rlhf_jax.data.pipeline import train_and_eval_iterators
 from rlhf_jax.data.preference import build_preference_dataset
 from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.models import ModelConfig, ScalarModel, model_config
+from rlhf_jax.models import ModelConfig, ScalarModel, lora, model_config
 from rlhf_jax.reward_scoring import RewardNormalization
 from rlhf_jax.steps.reward import (
     GOLD_FIELDS,
@@ -445,6 +445,7 @@ def reward_stage(
     with RunLock(run_dir_path):
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
+        lora.check_unsupported("reward-model")  # gin/algorithms/lora.gin would freeze it all
         policy_info = read_model_info(resolve_run_dir(init_from)) if init_from else None
         # The SFT run's tokenizer, when there is one; else the data source's own setting.
         tok = {"tokenizer": policy_info["tokenizer"]} if policy_info else {}

@@ -23,7 +23,7 @@ import gin
 import numpy as np
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import model_config
+from rlhf_jax.models import lora, model_config
 from rlhf_jax.steps.sft import SFTConfig, SFTHParams, sft_eval_step, sft_step, summarize_eval
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir
@@ -182,14 +182,16 @@ def sft_stage(
             cfg = stages.fit_vocab(cfg, sft_data.vocab_size, match=False)
         else:
             cfg = stages.fit_vocab(model_config(), sft_data.vocab_size, match_vocab)
+        cfg = lora.with_lora(cfg)  # LoRA adapters when gin/algorithms/lora.gin sets a rank
         stages.check_seq_len(cfg, sft_data.seq_len)
         optimizer = stages.build_optimizer(loop_cfg.train_steps)
         factory, _ = stages.model_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from
         )
         stages.record_model(
-            run_dir_path, cfg, stage="sft_stage", tokenizer_path=sft_data.tokenizer_path
-        )
+            run_dir_path, cfg, stage="sft_stage", tokenizer_path=sft_data.tokenizer_path,
+            lora_base=init_from if cfg.lora_rank else None,
+        )  # fmt: skip
         step_cfg = SFTConfig(grad_accum_steps=grad_accum_steps, logits_chunk_size=logits_chunk_size)
         spec = LoopSpec(
             step_fn=functools.partial(sft_step, cfg=step_cfg),

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import settings
 from rlhf_jax.errors import SettingsError
-from rlhf_jax.models import ModelConfig
+from rlhf_jax.models import ModelConfig, lora
 from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
 from rlhf_jax.train.checkpoint import (
     MODEL_CLASSES,
@@ -107,13 +107,19 @@ def record_model(
     tokenizer_path: str | None,
     model_class: str = "Transformer",
     model_kwargs: dict[str, Any] | None = None,
+    lora_base: str | None = None,
 ) -> None:
     """Checks that RUN_DIR holds no other run (`check_run_identity`), then writes model.json.
 
     Raises:
       errors.RunDirMismatchError: before anything is written.
     """
-    kwargs = dict(tokenizer_path=tokenizer_path, model_class=model_class, model_kwargs=model_kwargs)
+    kwargs = dict(
+        tokenizer_path=tokenizer_path,
+        model_class=model_class,
+        model_kwargs=model_kwargs,
+        lora_base=lora_base,
+    )
     check_run_identity(run_dir, model_record(cfg, stage=stage, **kwargs))
     write_model_info(run_dir, cfg, stage=stage, **kwargs)
 
@@ -208,7 +214,11 @@ def model_state_factory(
     def init_from_checkpoint() -> TrainState:
         loaded = load_params(init_from, mesh=mesh, rules=rules)
         log.info("initialising from %s (step %d)", loaded.run_dir, loaded.step)
+        # LoRA on a plain checkpoint: its weights are the frozen base, the adapters start fresh.
+        params = lora.with_fresh_adapters(
+            loaded.params, cfg, cls, kwargs, jax.random.key(seed), mesh, rules
+        )
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            return jax.jit(from_params, out_shardings=factory.shardings)(loaded.params)
+            return jax.jit(from_params, out_shardings=factory.shardings)(params)
 
     return dataclasses.replace(factory, init=init_from_checkpoint), graphdef
