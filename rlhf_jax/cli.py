@@ -26,6 +26,8 @@ COMMANDS = {
     "make-preferences": "sample K completions per prompt, score them with the gold judge and "
     "label preference pairs",
     "quickstart": "the whole offline pipeline on the built-in reviews task, on CPU",
+    "sweep": "run a grid of `train` runs (a spec file, or --gin_file with --grid KEY=V1,V2)",
+    "report": "results.csv, report.md and report.html (CIs over seeds, plots) of a sweep",
 }
 
 EPILOG = """\
@@ -104,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--fast", action="store_true", help="a much smaller run (for smoke tests)"
             )
+        if name in ("sweep", "report"):
+            from rlhf_jax.sweep import commands as sweep_commands
+
+            sweep_commands.add_arguments(p, name)
     return parser
 
 
@@ -139,6 +145,10 @@ def _is_gin_call_error(e: BaseException) -> bool:
 def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     from rlhf_jax import partitioning
 
+    if args.command in ("sweep", "report"):  # they launch or read runs; no gin of their own
+        from rlhf_jax.sweep import commands as sweep_commands
+
+        return sweep_commands.run(args, bindings)
     gin.clear_config()  # in-process calls (tests, quickstart) start from a clean registry
     partitioning.initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id

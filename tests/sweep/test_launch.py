@@ -1,0 +1,78 @@
+"""The local launcher on a tiny real DPO sweep: every point is a normal run directory holding
+its bindings, sweep.json records each status (a failing point with its error, the others
+finished), points that differ only in traced values (β, seed) compile once per sweep, and a
+re-run skips finished points, resumes an unfinished one and retries the failed one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import BAD, GOOD
+
+from rlhf_jax.sweep import launch
+from rlhf_jax.sweep.spec import point_name
+
+
+def _state(out):
+    return json.loads((out / "sweep.json").read_text())
+
+
+def test_points_are_run_directories_with_their_bindings(tiny_sweep):
+    out, sweep, _ = tiny_sweep
+    state = _state(out)
+    by_name = {p["name"]: p for p in state["points"]}
+    assert [p["name"] for p in state["points"]] == [point_name(p) for p in [*GOOD, BAD]]
+    for p in GOOD:
+        entry = by_name[point_name(p)]
+        assert entry["status"] == "done" and entry["error"] is None, entry
+        run = out / entry["run_dir"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "done" and summary["step"] == 4
+        gin_text = (run / "bindings.gin").read_text()
+        assert f"BETA = {p['BETA']!r}" in gin_text and f"SEED = {p['SEED']!r}" in gin_text
+        assert f"RUN_DIR = {str(run)!r}" in gin_text
+        # The operative config of the run shows the point's β and seed took effect.
+        config = (run / "config.gin").read_text()
+        assert f"BETA = {p['BETA']!r}" in config and f"SEED = {p['SEED']!r}" in config
+    bad = by_name[point_name(BAD)]
+    assert bad["status"] == "failed" and bad["returncode"] not in (0, None)
+    assert "no_such_loss" in bad["error"]
+    assert state["counts"] == {"done": 3, "failed": 1, "running": 0, "queued": 0}
+
+
+def test_traced_values_compile_once_per_sweep(tiny_sweep):
+    out, _, _ = tiny_sweep
+    points = _state(out)["points"]
+    first, *others = [p for p in points if p["status"] == "done"]
+    # The first point fills the shared cache; β and seed are traced values, so the other
+    # points find every program there (a compile is a cache miss, which writes an entry).
+    assert first["new_cache_entries"] > 0
+    assert [p["new_cache_entries"] for p in others] == [0, 0]
+    compile_info = _state(out)["compile"]
+    assert compile_info["new_cache_entries"] >= first["new_cache_entries"]
+
+
+class _Recording(launch.LocalLauncher):
+    def __init__(self):
+        self.started = []
+
+    def start(self, task):
+        self.started.append(task.name)
+        return super().start(task)
+
+
+def test_rerun_skips_finished_resumes_unfinished_and_retries_failed(tiny_sweep, tmp_path):
+    out, sweep, _ = tiny_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    unfinished = point_name(GOOD[2])
+    (copy / unfinished / "summary.json").unlink()
+    rec = _Recording()
+    result = launch.run_sweep(sweep, copy, launcher=rec, poll_s=0.2, stream=None)
+    assert sorted(rec.started) == sorted([unfinished, point_name(BAD)])
+    assert (result.done, result.failed, result.skipped) == (3, 1, 2)
+    # The unfinished point continued from its checkpoint instead of starting over.
+    assert "resumed from the checkpoint of step 4" in (copy / unfinished / "sweep.log").read_text()
+    state = _state(copy)
+    assert {p["name"]: p["attempts"] for p in state["points"]}[point_name(BAD)] == 2
