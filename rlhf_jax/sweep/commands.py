@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
             metavar="X_METRIC,Y_METRIC",
             help="the frontier plot's axes (default: KL to the reference, gold reward)",
         )
+        p.add_argument(
+            "--gold_prompts",
+            default=None,
+            help="first sample every finished run on these held-out prompts (JSONL) and score "
+            "them with the gold judges (RUN_DIR/gold_eval.json; needs --reference)",
+        )
+        p.add_argument("--reference", default=None, help="the SFT run KL is measured to")
+        p.add_argument("--gold_limit", type=int, default=512, help="prompts used")
 
 
 def _binding_dict(bindings: Sequence[str]) -> dict[str, GinRef]:
@@ -116,6 +124,12 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         frontier = tuple(args.frontier.split(",")) if args.frontier else None
         if frontier is not None and len(frontier) != 2:
             raise SweepError("--frontier takes X_METRIC,Y_METRIC")
+        if args.gold_prompts:
+            if not args.reference:
+                raise SweepError("--gold_prompts needs --reference SFT_RUN (KL is measured to it)")
+            from rlhf_jax.sweep.report import evaluate_gold
+
+            evaluate_gold(args.dir, args.gold_prompts, args.reference, limit=args.gold_limit)
         paths = write_report(args.dir, metrics=args.metric or None, frontier=frontier)
         print(f"report: {paths['md']}  {paths['html']}  {paths['csv']}")
         return 0

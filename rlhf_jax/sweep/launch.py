@@ -224,9 +224,12 @@ class SubmititLauncher(Launcher):
         try:
             return "finished", int(job.result()), None
         except Exception as e:  # noqa: BLE001 (the job's own failure, reported as the error)
-            msg = str(e).strip().splitlines()
-            err = next((ln for ln in reversed(msg) if ln.strip()), type(e).__name__)
-            return "finished", 1, err.strip()[:500]
+            # submitit's message holds the job's traceback; run_point_job's own error (the
+            # run's exit code and message) is its most telling line.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            ours = [ln for ln in lines if "RuntimeError: exit code" in ln]
+            err = ours[-1].split("RuntimeError: ", 1)[1] if ours else (lines or [repr(e)])[0]
+            return "finished", 1, err[:500]
 
     def cancel(self, job) -> None:
         job.cancel(check=False)

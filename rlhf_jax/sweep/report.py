@@ -4,7 +4,8 @@ Reads DIR/sweep.json (or, without one, every run directory under DIR) and each r
 summary.json and metrics.jsonl, and writes
 
 - `results.csv`: one row per run: name, status, error, the bindings, every numeric final metric
-  of its summary.json (exact values);
+  of its summary.json (exact values) and of its gold_eval.json when `evaluate_gold` wrote one
+  (samples on held-out prompts scored by the gold judges, KL to the reference);
 - `report.md` and a self-contained `report.html` (plots embedded as base64 PNG): per
   configuration (the bindings other than seeds), the mean over seeds with a 95% percentile
   bootstrap confidence interval of the mean, then the runs that failed or did not finish;
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.sweep.launch import write_json_strict
 from rlhf_jax.sweep.spec import SweepError, is_seed_key
 
 # Default axes of the frontier plot: the first of each list that the runs report.
@@ -37,6 +39,8 @@ GOLD_METRICS = ("eval/gold/reward", "eval/gold_reward", "gold/reward", "eval/gol
                 "eval/sentiment")  # fmt: skip
 KL_METRICS = ("eval/kl/ref", "eval/kl", "kl/ref", "eval/kl/implicit", "train/kl/implicit")
 RM_ACCURACY = "eval/accuracy"
+# Written into each run by `evaluate_gold` (`rlhf-jax report --gold_prompts ...`).
+GOLD_EVAL = "gold_eval.json"
 # Tabulated by default when present (else every eval/ metric).
 HEADLINE = (*GOLD_METRICS, "eval/kl/ref", "eval/kl", "eval/loss", "eval/accuracy",
             "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl/implicit",
@@ -110,9 +114,64 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
             status = "done"
         elif status in ("done", "unknown"):
             status = "unfinished"
+        if status == "done":
+            gold = _read_json(run_dir / GOLD_EVAL) or {}
+            summary = {**summary, **{k: v for k, v in gold.items() if k not in summary}}
         runs.append(Run(name, run_dir, dict(bindings), status, error,
                         summary if status == "done" else None))  # fmt: skip
     return runs
+
+
+def evaluate_gold(
+    sweep_dir: str | Path,
+    prompts: str | Path,
+    reference: str | Path,
+    *,
+    limit: int | None = 512,
+    max_new_tokens: int = 24,
+    judge: str = "reviews",
+) -> list[Path]:
+    """Samples every finished run of a sweep on held-out prompts and scores the samples with
+    the gold judges: RUN_DIR/gold_eval.json (`eval/gold/<judge field>`, `eval/kl/ref`,
+    `eval/length`, each with `/sem`), which the report merges into the run's metrics. Runs that
+    already have one are skipped.
+
+    Args:
+      sweep_dir: the sweep directory.
+      prompts: a prompt file (JSONL with `prompt`, as the reviews task writes them).
+      reference: the reference policy's run directory (KL is measured to it: the SFT run).
+      limit: prompts used (the same first ones for every run).
+      max_new_tokens, judge: as in `commands.evaluate_policies`.
+
+    Returns:
+      The gold_eval.json files written.
+    """
+    from rlhf_jax.commands import evaluate_policies, read_prompts
+
+    todo = [r for r in collect_runs(sweep_dir)
+            if r.status == "done" and not (r.run_dir / GOLD_EVAL).exists()]  # fmt: skip
+    if not todo:
+        return []
+    from rlhf_jax.data.errors import DataError
+
+    try:
+        texts = read_prompts(str(prompts), None, limit=limit)
+    except (DataError, FileNotFoundError) as e:
+        raise SweepError(f"--gold_prompts: {e}") from None
+    written = []
+    for r in todo:
+        res = evaluate_policies({r.name: str(r.run_dir)}, str(reference), texts,
+                                max_new_tokens=max_new_tokens, judge=judge)[r.name]  # fmt: skip
+        out = {}
+        for k, v in res.items():
+            base, _, sem = k.partition("/")
+            name = {"kl": "eval/kl/ref", "length": "eval/length", "samples": "eval/samples"}.get(
+                base, f"eval/gold/{base}"
+            )
+            out[name + ("/sem" if sem else "")] = v
+        write_json_strict(r.run_dir / GOLD_EVAL, out)
+        written.append(r.run_dir / GOLD_EVAL)
+    return written
 
 
 def bootstrap_ci(
@@ -387,6 +446,11 @@ def write_report(
         p = plot_frontier(configs, frontier[0], frontier[1], plots_dir / "frontier.png")
         if p is not None:
             paths["frontier"] = p
+            notes.append(
+                f"Frontier: {frontier[1]} against {frontier[0]}, one point per configuration "
+                "(mean over seeds with 95% bootstrap intervals), coloured by algorithm, "
+                "labelled by β."
+            )
     else:
         notes.append(
             "No frontier plot: the runs report no gold reward and KL metric "

@@ -17,16 +17,20 @@ from rlhf_jax.sweep import report
 from rlhf_jax.sweep.spec import point_name
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FRONTIER = ("eval/kl/implicit", "eval/rewards/margins")
+FRONTIER = ("eval/kl/implicit", "eval/rewards/margins")  # axes chosen on the command line
 
 
 @pytest.fixture(scope="module")
-def written(tiny_sweep, tmp_path_factory):
+def written(tiny_sweep, reviews, sft_run, tmp_path_factory):
+    """The report of a copy of the tiny sweep, after a gold evaluation of its finished runs on
+    16 held-out prompts (so the frontier has its default axes: gold sentiment against KL)."""
     import shutil
 
     out = tmp_path_factory.mktemp("report") / "sweep"
-    shutil.copytree(tiny_sweep[0], out, ignore=shutil.ignore_patterns("jax_cache", "checkpoints"))
-    return out, report.write_report(out, frontier=FRONTIER)
+    shutil.copytree(tiny_sweep[0], out, ignore=shutil.ignore_patterns("jax_cache"))
+    gold = report.evaluate_gold(out, reviews[0].eval_prompts_path, sft_run, limit=16)
+    assert len(gold) == len(GOOD)
+    return out, report.write_report(out)
 
 
 def test_results_csv_equals_summaries_and_shows_the_failure(written):
@@ -42,6 +46,9 @@ def test_results_csv_equals_summaries_and_shows_the_failure(written):
         assert "eval/loss" in numeric and "train/loss" in numeric
         for k, v in numeric.items():
             assert float(row[k]) == v, k
+        gold = json.loads((out / point_name(p) / "gold_eval.json").read_text())
+        assert gold["eval/gold/sentiment"] == float(row["eval/gold/sentiment"])
+        assert gold["eval/kl/ref"] == float(row["eval/kl/ref"]) and gold["eval/samples"] == 16
     bad = rows[point_name(BAD)]
     assert bad["status"] == "failed" and "no_such_loss" in bad["error"]
     assert bad["eval/loss"] == ""
@@ -72,6 +79,8 @@ def test_plots_are_pngs_embedded_in_the_html(written):
     _, paths = written
     plots = {k: p for k, p in paths.items() if k.startswith("curve/") or k == "frontier"}
     assert "frontier" in plots and "curve/eval/loss" in plots and "curve/train/loss" in plots
+    # The frontier's default axes: gold reward against KL to the reference.
+    assert "Frontier: eval/gold/sentiment against eval/kl/ref" in paths["md"].read_text()
     html = paths["html"].read_text()
     for p in plots.values():
         data = p.read_bytes()
