@@ -27,7 +27,9 @@ points).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -410,6 +412,45 @@ def run_sweep(
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
+    if parallel > 1 and isinstance(launch, LocalLauncher):
+        # Points sharing an accelerator must not each grab most of its memory up front.
+        env.setdefault(
+            "XLA_PYTHON_CLIENT_PREALLOCATE",
+            os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _sweep_lock(out_dir):
+        return _run(
+            sweep, out_dir, launch, launcher, parallel, cache, env, previous, stream, poll_s
+        )
+
+
+@contextlib.contextmanager
+def _sweep_lock(out_dir: Path):
+    """One sweep process per directory (a second would run the same points twice)."""
+    with open(out_dir / ".sweep.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another sweep process is running in {out_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(
+    sweep: Sweep,
+    out_dir: Path,
+    launch: Launcher,
+    launcher: str | Launcher,
+    parallel: int,
+    cache: Path,
+    env: dict[str, str],
+    previous: dict | None,
+    stream: TextIO | None,
+    poll_s: float,
+) -> SweepResult:
     shared = binding_lines(sweep.bindings)
     old_points = {p["name"]: p for p in (previous or {}).get("points", [])}
     points: list[dict[str, Any]] = []

@@ -6,11 +6,9 @@ re-run skips finished points, resumes an unfinished one and retries the failed o
 from __future__ import annotations
 
 import json
-import shutil
 
 from conftest import BAD, GOOD
 
-from rlhf_jax.sweep import launch
 from rlhf_jax.sweep.spec import point_name
 
 
@@ -51,28 +49,3 @@ def test_traced_values_compile_once_per_sweep(tiny_sweep):
     assert [p["new_cache_entries"] for p in others] == [0, 0]
     compile_info = _state(out)["compile"]
     assert compile_info["new_cache_entries"] >= first["new_cache_entries"]
-
-
-class _Recording(launch.LocalLauncher):
-    def __init__(self):
-        self.started = []
-
-    def start(self, task):
-        self.started.append(task.name)
-        return super().start(task)
-
-
-def test_rerun_skips_finished_resumes_unfinished_and_retries_failed(tiny_sweep, tmp_path):
-    out, sweep, _ = tiny_sweep
-    copy = tmp_path / "sweep"
-    shutil.copytree(out, copy)
-    unfinished = point_name(GOOD[2])
-    (copy / unfinished / "summary.json").unlink()
-    rec = _Recording()
-    result = launch.run_sweep(sweep, copy, launcher=rec, poll_s=0.2, stream=None)
-    assert sorted(rec.started) == sorted([unfinished, point_name(BAD)])
-    assert (result.done, result.failed, result.skipped) == (3, 1, 2)
-    # The unfinished point continued from its checkpoint instead of starting over.
-    assert "resumed from the checkpoint of step 4" in (copy / unfinished / "sweep.log").read_text()
-    state = _state(copy)
-    assert {p["name"]: p["attempts"] for p in state["points"]}[point_name(BAD)] == 2

@@ -78,10 +78,12 @@ def test_out_dir_of_another_sweep_exits_2_untouched(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_spec_rerun_exit_code_counts_failures(tiny_sweep, tmp_path, capsys):
+def test_spec_rerun_skips_finished_resumes_unfinished_retries_failed(tiny_sweep, tmp_path, capsys):
     out, sweep, _ = tiny_sweep
     copy = tmp_path / "sweep"
     shutil.copytree(out, copy)
+    unfinished = point_name(GOOD[2])
+    (copy / unfinished / "summary.json").unlink()
     spec_file = tmp_path / "tiny_spec.py"
     spec_file.write_text(
         "from rlhf_jax.sweep.spec import Sweep\n"
@@ -90,9 +92,17 @@ def test_spec_rerun_exit_code_counts_failures(tiny_sweep, tmp_path, capsys):
     )
     rc = cli.main(["sweep", str(spec_file), "--out_dir", str(copy)])
     text = capsys.readouterr().out
-    assert rc == 1, text
-    assert "3 point(s) already finished" in text and f"FAILED  {point_name(BAD)}" in text
-    assert "compiles this invocation: 0" in text
+    assert rc == 1, text  # the exit code is the number of failed points
+    assert "2 point(s) already finished" in text and f"FAILED  {point_name(BAD)}" in text
+    state = json.loads((copy / "sweep.json").read_text())
+    # (Resuming compiles the restore path's programs, which the first sweep never ran.)
+    assert f"compiles this invocation: {state['compile']['new_cache_entries']} " in text
+    attempts = {p["name"]: p["attempts"] for p in state["points"]}
+    assert attempts == {point_name(GOOD[0]): 1, point_name(GOOD[1]): 1, unfinished: 2,
+                        point_name(BAD): 2}  # fmt: skip
+    assert state["counts"] == {"done": 3, "failed": 1, "running": 0, "queued": 0}
+    # The unfinished point continued from its checkpoint instead of starting over.
+    assert "resumed from the checkpoint of step 4" in (copy / unfinished / "sweep.log").read_text()
 
 
 def test_slurm_launcher_through_submitit_local_executor(tiny_sweep, reviews, sft_run, tmp_path):
@@ -120,3 +130,18 @@ def test_slurm_launcher_through_submitit_local_executor(tiny_sweep, reviews, sft
     text = "".join(lines)
     assert "2 running" in text and "1 failed" in text
     assert state["compile"]["new_cache_entries"] == 0
+
+
+def test_a_second_sweep_process_on_the_same_directory_is_refused(tmp_path):
+    import fcntl
+
+    from rlhf_jax.sweep.spec import Sweep, SweepError
+
+    sweep = Sweep([DPO_GIN], [{"BETA": 0.1}])
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": sweep.fingerprint()}))
+    with open(out / ".sweep.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SweepError, match="another sweep process"):
+            run_sweep(sweep, out, validate_first=False, stream=None)
