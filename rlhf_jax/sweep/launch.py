@@ -512,7 +512,13 @@ def _run(
                 task = _prepare_point(p, sweep, shared, out_dir, env)
                 p["attempts"] += 1
                 p.update(status="running", error=None, returncode=None)
-                handle = launch.start(task)
+                try:
+                    handle = launch.start(task)
+                except Exception as e:  # noqa: BLE001 (a point that cannot start fails alone)
+                    p.update(status="failed", error=f"could not start: {type(e).__name__}: {e}")
+                    progress.event(f"FAILED  {p['name']}: {p['error']}")
+                    save()
+                    continue
                 active[p["name"]] = (handle, p, time.time(), count_cache_entries(cache))
                 save()
             for name, (handle, p, t0, entries0) in list(active.items()):

@@ -9,6 +9,7 @@ import json
 
 from conftest import BAD, GOOD
 
+from rlhf_jax.sweep import launch
 from rlhf_jax.sweep.spec import point_name
 
 
@@ -49,3 +50,46 @@ def test_traced_values_compile_once_per_sweep(tiny_sweep):
     assert [p["new_cache_entries"] for p in others] == [0, 0]
     compile_info = _state(out)["compile"]
     assert compile_info["new_cache_entries"] >= first["new_cache_entries"]
+
+
+class _FakeLauncher(launch.Launcher):
+    """Finishes a point on its second poll: even A writes summary.json, odd A exits 3; records
+    how many points run at once. A = 99 cannot start."""
+
+    def __init__(self):
+        self.running, self.peak = set(), 0
+
+    def start(self, task):
+        if "A = 99" in (task.run_dir / "bindings.gin").read_text():
+            raise OSError("no slot")
+        self.running.add(task.name)
+        self.peak = max(self.peak, len(self.running))
+        return {"task": task, "polls": 0}
+
+    def poll(self, handle):
+        handle["polls"] += 1
+        if handle["polls"] < 2:
+            return "running", None, None
+        task = handle["task"]
+        self.running.discard(task.name)
+        if task.name.endswith(("0", "2", "4")):
+            (task.run_dir / "summary.json").write_text(json.dumps({"status": "done"}))
+            return "finished", 0, None
+        task.log_path.write_text("Traceback (most recent call last):\nKeyError: 'boom'\n")
+        return "finished", 3, None
+
+
+def test_scheduling_and_bookkeeping_without_real_runs(tmp_path):
+    from rlhf_jax.sweep.spec import Sweep, sweep
+
+    s = Sweep(["base.gin"], sweep("A", [0, 1, 2, 3, 4, 99]))
+    fake = _FakeLauncher()
+    result = launch.run_sweep(s, tmp_path / "s", launcher=fake, parallel=2, poll_s=0,
+                              validate_first=False, stream=None)  # fmt: skip
+    assert fake.peak == 2
+    assert (result.done, result.failed) == (3, 3)
+    state = _state(tmp_path / "s")
+    errors = {p["name"]: p["error"] for p in state["points"]}
+    assert errors["A=0"] is None and errors["A=1"] == "exit code 3: KeyError: 'boom'"
+    assert errors["A=99"] == "could not start: OSError: no slot"
+    assert [p["returncode"] for p in state["points"]] == [0, 3, 0, 3, 0, None]
