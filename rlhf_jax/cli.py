@@ -29,6 +29,8 @@ COMMANDS = {
     "quickstart": "the whole offline pipeline on the built-in reviews task, on CPU",
     "export": "write a run's model (policy or reward model) as a Hugging Face directory: "
     "rlhf-jax export RUN_DIR OUT_DIR",
+    "sweep": "run a grid of `train` runs (a spec file, or --gin_file with --grid KEY=V1,V2)",
+    "report": "results.csv, report.md and report.html (CIs over seeds, plots) of a sweep",
 }
 
 EPILOG = """\
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--step", type=int, default=None, help="checkpoint step (newest)")
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
             p.add_argument("--peft", action="store_true", help="LoRA run: adapters in PEFT format")
+        if name in ("sweep", "report"):
+            from rlhf_jax.sweep import commands as sweep_commands
+
+            sweep_commands.add_arguments(p, name)
     return parser
 
 
@@ -154,6 +160,10 @@ def _is_gin_call_error(e: BaseException) -> bool:
 def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
     from rlhf_jax import partitioning
 
+    if args.command in ("sweep", "report"):  # they launch or read runs; no gin of their own
+        from rlhf_jax.sweep import commands as sweep_commands
+
+        return sweep_commands.run(args, bindings)
     gin.clear_config()  # in-process calls (tests, quickstart) start from a clean registry
     coordinator, num_processes, process_id = settings.distributed(
         args.coordinator_address, args.num_processes, args.process_id
