@@ -8,13 +8,11 @@ import json
 
 import gin
 import numpy as np
-import pytest
+import transformers  # noqa: F401  (test extra: a missing install fails, never skips)
 from flax import nnx
 
 from rlhf_jax import cli
 from rlhf_jax.train.checkpoint import load_params, read_model_info
-
-pytest.importorskip("transformers")
 
 
 def _params(path):

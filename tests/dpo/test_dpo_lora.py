@@ -111,8 +111,8 @@ def test_reference_is_the_base_model(lora_run, sft_run):
 
 
 def test_export_merges_adapters(lora_run, tmp_path):
-    transformers = pytest.importorskip("transformers")
     import torch
+    import transformers
 
     assert cli.main(["export", str(lora_run), str(tmp_path / "hf"), "--log_level=WARNING"]) == 0
     tuned = load_params(lora_run)

@@ -10,11 +10,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
-
-pytest.importorskip("transformers")
 import torch  # noqa: E402
-import transformers  # noqa: E402
+import transformers  # noqa: F401  (test extra: a missing install fails, never skips)
+from flax import nnx
 
 from rlhf_jax import partitioning  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, hf, model_config  # noqa: E402

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (test extra: a missing install fails, never skips)
 
 from rlhf_jax.models.safetensors_io import SafetensorsFile  # noqa: E402
 from tests.models.hf_helpers import make_hf_model  # noqa: E402

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
-pytest.importorskip("transformers")
 import torch  # noqa: E402
+import transformers  # noqa: F401  (test extra: a missing install fails, never skips)
+from flax import nnx
 
 from rlhf_jax import partitioning  # noqa: E402
 from rlhf_jax.generate import SamplingConfig, SamplingHParams, generate  # noqa: E402

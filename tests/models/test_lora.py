@@ -70,7 +70,8 @@ def test_fresh_adapters_and_adapters_off_give_the_base_model():
 
 
 def test_merged_export_gives_adapted_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg, model = _adapted()
     mcfg, merged = lora.merged(model, cfg)
     assert mcfg.lora_rank == 0 and not lora.has_adapters(nnx.state(merged, nnx.Param))
@@ -100,8 +101,7 @@ def test_peft_export_layout_and_logits(tmp_path):
     assert f.shape(f"{name}.lora_A.weight") == (4, 4 * 16)  # [r, in = heads * head_dim]
     assert f.shape(f"{name}.lora_B.weight") == (64, 4)  # [out, r]
     assert len(f.entries) == 2 * len(config["target_modules"]) == 2 * 10
-    pytest.importorskip("peft")
-    import peft
+    import peft  # noqa: F401
     import torch
     import transformers
 

@@ -106,7 +106,8 @@ def test_spec_rerun_skips_finished_resumes_unfinished_retries_failed(tiny_sweep,
 
 
 def test_slurm_launcher_through_submitit_local_executor(tiny_sweep, reviews, sft_run, tmp_path):
-    pytest.importorskip("submitit", reason="the slurm launcher needs submitit (pyproject dep)")
+    import submitit  # noqa: F401
+
     out, _, _ = tiny_sweep
     sweep = tiny_sweep_spec(sft_run, reviews[1], out.parent / "sweep_ref_cache", [GOOD[0], BAD])
     lines = []
