@@ -73,6 +73,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # Sliding-window attention (Mistral; Qwen2/3 with use_sliding_window): a query attends to
+    # itself and the `sliding_window - 1` cache slots before it only (slot distance, as
+    # `transformers` counts it); None = full causal attention.
+    sliding_window: int | None = None
     # LoRA (Hu et al. 2021, arXiv:2106.09685): rank-`lora_rank` adapters W + (alpha/rank) A B on
     # the projections whose path (`blocks/3/attn/wq`) matches a `lora_targets` regex; 0 = off.
     # See rlhf_jax.models.lora.
@@ -91,6 +95,14 @@ class ModelConfig:
         ):
             raise SettingsError(f"model_config.n_kv_heads={self.n_kv_heads!r} must be >= 1")
         kv = self.num_kv_heads
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window < 1
+        ):
+            raise SettingsError(
+                f"model_config.sliding_window={self.sliding_window!r} must be None or >= 1"
+            )
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
         if self.lora_rank < 0:
             raise SettingsError(f"lora_rank={self.lora_rank} must be >= 0")

@@ -249,13 +249,6 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str | None = None) -> ModelConf
     if mt in ("llama", "mistral", "qwen3") and attn_bias:
         raise HFError("unsupported config.json setting attention_bias=True (output bias)")
     max_len = hf.get("max_position_embeddings", 4096)
-    window = hf.get("sliding_window")
-    use_window = hf.get("use_sliding_window", mt == "mistral")
-    if window is not None and use_window and window < max_len:
-        # Attention over at most `window` tokens equals full attention on sequences that fit
-        # in the window; longer sequences are not supported, so the model says it is this long.
-        log.warning("sliding_window=%d < %d: max_seq_len set to the window", window, max_len)
-        max_len = window
     d, n = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // n
     return ModelConfig(
@@ -265,7 +258,40 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str | None = None) -> ModelConf
         tie_embeddings=tie, norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
         attn_head_dim=None if head_dim * n == d else head_dim, **_rope_fields(hf), **common,
+        sliding_window=_sliding_window(hf, mt),
     )  # fmt: skip
+
+
+def _sliding_window(hf: Mapping[str, Any], mt: str) -> int | None:
+    """The attention window of every layer, as `transformers` applies it.
+
+    Mistral: whenever `sliding_window` is set, on every layer (its model ignores
+    `layer_types`). Qwen2/3: with `use_sliding_window`, on the layers from `max_window_layers`
+    on (or as `layer_types` lists them). A window on some layers only is refused (one window
+    for the whole model here).
+    """
+    window = hf.get("sliding_window")
+    if mt == "llama" or window is None:
+        return None
+    if mt in ("qwen2", "qwen3"):
+        n_layers = hf["num_hidden_layers"]
+        types = hf.get("layer_types")
+        if types is None:
+            if not hf.get("use_sliding_window", False):
+                return None
+            start = hf.get("max_window_layers", 28)
+            types = ["sliding_attention" if i >= start else "full_attention"
+                     for i in range(n_layers)]  # fmt: skip
+        if set(types) == {"full_attention"}:
+            return None
+        if set(types) != {"sliding_attention"}:
+            raise HFError(
+                f"unsupported config.json setting: a sliding window on some layers only "
+                f"(layer_types={types}); one window for all layers or none is supported"
+            )
+    if not isinstance(window, int) or window < 1:
+        raise HFError(f"unsupported config.json setting sliding_window={window!r}")
+    return window
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -329,7 +355,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
         return "qwen3"
     if cfg.qkv_bias:
         return "qwen2"
-    return "mistral" if cfg.family == "mistral" else "llama"
+    # Llama has no sliding window; Mistral is Llama with one.
+    return "mistral" if cfg.family == "mistral" or cfg.sliding_window else "llama"
 
 
 def hf_config(cfg: ModelConfig, *, reward: bool = False, tokenizer=None) -> dict[str, Any]:
@@ -371,9 +398,12 @@ def hf_config(cfg: ModelConfig, *, reward: bool = False, tokenizer=None) -> dict
             "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "hidden_act": "silu", "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-            "attention_bias": False, "mlp_bias": False, "sliding_window": None,
-            "use_sliding_window": False,
+            "attention_bias": False, "mlp_bias": False,
+            "sliding_window": cfg.sliding_window,
+            "use_sliding_window": cfg.sliding_window is not None,
         }  # fmt: skip
+        if mt in ("qwen2", "qwen3"):  # Qwen's window covers the layers from this one on
+            out["max_window_layers"] = 0 if cfg.sliding_window else cfg.n_layers
     if reward:
         out |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
     if tokenizer is not None:

@@ -105,32 +105,40 @@ def rope(
     return out.astype(x_BTNH.dtype)
 
 
-def _allowed(q_slot_T: jax.Array, num_slots: int, mask_BS: jax.Array) -> jax.Array:
-    """[B, T, S] attention pattern: causal by slot, real keys only.
+def _allowed(
+    q_slot_T: jax.Array, num_slots: int, mask_BS: jax.Array, window: int | None = None
+) -> jax.Array:
+    """[B, T, S] attention pattern: causal by slot, real keys only, and with a sliding
+    `window` only the keys less than `window` slots back (the query's own slot included).
 
+    Slots, not position ids, measure the window, as `transformers` does (its cache positions):
+    the two agree wherever the real tokens are contiguous (one padded side, or a left-padded
+    prompt followed by its completion in the sampler).
     A padding query attends to itself only, so its (ignored) output stays finite.
     """
     k_slot = jnp.arange(num_slots)
     causal = k_slot[None, :] <= q_slot_T[:, None]
+    if window is not None:
+        causal = causal & (k_slot[None, :] > q_slot_T[:, None] - window)
     allowed = causal[None] & mask_BS[:, None, :].astype(bool)
     return allowed | (k_slot[None, :] == q_slot_T[:, None])[None]
 
 
-def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BS, q_slot_T) -> jax.Array:
+def _cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BS, q_slot_T, window=None) -> jax.Array:
     """Grouped-query attention of T queries over the cache (layout [B, K, S, H]); [B, T, N, H]."""
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
     q = q_BTNH.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores * (H**-0.5)
-    allowed = _allowed(q_slot_T, k_BKSH.shape[2], mask_BS)
+    allowed = _allowed(q_slot_T, k_BKSH.shape[2], mask_BS, window)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNH.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
 
-def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1) -> jax.Array:
+def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1, window=None) -> jax.Array:
     """`_cached_attention` for one query per row, as multiply-and-sum reductions.
 
     Same numbers as the einsum form (fp32 scores, probabilities cast to the compute dtype,
@@ -141,7 +149,7 @@ def _reduce_attention(q_B1NH, k_BKSH, v_BKSH, mask_BS, q_slot_1) -> jax.Array:
     K = k_BKSH.shape[1]
     q = q_B1NH.reshape(B, K, N // K, 1, H).astype(jnp.float32)
     scores = (q * k_BKSH[:, :, None].astype(jnp.float32)).sum(-1) * (H**-0.5)  # B K G S
-    allowed = _allowed(q_slot_1, k_BKSH.shape[2], mask_BS)[:, 0]  # B S
+    allowed = _allowed(q_slot_1, k_BKSH.shape[2], mask_BS, window)[:, 0]  # B S
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_B1NH.dtype)
     out = (probs[..., None].astype(jnp.float32) * v_BKSH[:, :, None].astype(jnp.float32)).sum(3)
@@ -179,10 +187,12 @@ class Attention(nnx.Module):
                 lora.add_adapter(self, name, f"{path}/{name}", cfg, rngs, n_in)
 
     def _use_cudnn(self, right_padded: bool, dt) -> bool:
-        """cuDNN flash attention: full causal forward, right padding only, half precision."""
+        """cuDNN flash attention: full causal forward, right padding only, half precision,
+        no sliding window (the XLA path applies the window through its mask)."""
         impl = self.cfg.attention_impl
         return (
             right_padded
+            and self.cfg.sliding_window is None
             and impl in ("auto", "cudnn")
             and (impl == "cudnn" or jax.default_backend() == "gpu")
             and dt in (jnp.bfloat16, jnp.float16)
@@ -236,14 +246,16 @@ class Attention(nnx.Module):
             cache = {"k": kc, "v": vc}
             q_slot = cache_index + jnp.arange(T)
             attend = _reduce_attention if T == 1 and cfg.decode_attention == "reduce" else None
-            out = (attend or _cached_attention)(q, kc.astype(dt), vc.astype(dt), mask_BS, q_slot)
+            out = (attend or _cached_attention)(
+                q, kc.astype(dt), vc.astype(dt), mask_BS, q_slot, cfg.sliding_window
+            )
         elif self._use_cudnn(right_padded, dt):
             lengths = mask_BS.astype(jnp.int32).sum(-1)
             out = jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn"
             )
         else:
-            allowed = _allowed(jnp.arange(T), k.shape[1], mask_BS)
+            allowed = _allowed(jnp.arange(T), k.shape[1], mask_BS, cfg.sliding_window)
             out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
         out = wlc(out, ("batch", "length", "act_heads", None))
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))

@@ -12,7 +12,8 @@ PAD = 0
 
 # One tiny config per family: GQA with ratios 1 (MHA), 2, 3 (not a power of two) and 4; tied
 # and untied embeddings; Qwen2's q/k/v biases; Qwen3's q/k norms and a head_dim that is not
-# hidden/heads; Llama-3 RoPE scaling whose band edges fall inside the tested positions.
+# hidden/heads; Llama-3 RoPE scaling whose band edges fall inside the tested positions; a
+# sliding attention window. A key's family is the part before any "_".
 FAMILIES = {
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True),
     "llama": dict(
@@ -28,6 +29,13 @@ FAMILIES = {
         intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
         sliding_window=None,
     ),
+    # Mistral's sliding-window attention with a window (4) shorter than the tested sequences
+    # (12 tokens; 7-token prompts plus 16 decoded) and GQA ratio 2.
+    "mistral_window": dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False,
+        sliding_window=4,
+    ),
     "qwen2": dict(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
@@ -40,10 +48,16 @@ FAMILIES = {
 }  # fmt: skip
 
 
+def hf_family(key: str) -> str:
+    """The `model_type` of a `FAMILIES` key (`mistral_window` -> `mistral`)."""
+    return key.split("_")[0]
+
+
 def hf_classes(family: str):
     """(config class, causal LM class, sequence classification class) of a family."""
     import transformers as tr
 
+    family = hf_family(family)
     prefix = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
               "qwen3": "Qwen3"}[family]  # fmt: skip
     head = "LMHeadModel" if family == "gpt2" else "ForCausalLM"

@@ -225,3 +225,38 @@ def test_unprefixed_gpt2_checkpoint_with_buffers_loads(tmp_path, mesh):
     pa, pb = _params(a), _params(b)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_sliding_window_settings_map_both_ways():
+    """Mistral's window, Qwen's `use_sliding_window` (all layers from `max_window_layers` on)
+    and `layer_types` map onto `sliding_window`; a window on some layers only is refused; the
+    exported config.json makes `transformers` window every layer."""
+    base = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=64,
+                max_position_embeddings=128)  # fmt: skip
+    mistral = hf.config_from_hf(base | {"model_type": "mistral", "sliding_window": 8})
+    assert mistral.sliding_window == 8 and mistral.max_seq_len == 128
+    off = hf.config_from_hf(base | {"model_type": "mistral", "sliding_window": None})
+    assert off.sliding_window is None
+    qwen = base | {"model_type": "qwen2", "sliding_window": 8}
+    assert hf.config_from_hf(qwen).sliding_window is None  # use_sliding_window defaults off
+    on = qwen | {"use_sliding_window": True}
+    assert hf.config_from_hf(on | {"max_window_layers": 0}).sliding_window == 8
+    assert hf.config_from_hf(on | {"max_window_layers": 2}).sliding_window is None
+    with pytest.raises(hf.HFError, match="some layers only"):
+        hf.config_from_hf(on | {"max_window_layers": 1})
+    with pytest.raises(hf.HFError, match="some layers only"):
+        hf.config_from_hf(qwen | {"layer_types": ["full_attention", "sliding_attention"]})
+    for mt, cls in (("qwen2", transformers.Qwen2Config), ("mistral", transformers.MistralConfig)):
+        window = {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 0}
+        cfg = hf.config_from_hf(base | {"model_type": mt} | window)
+        out = hf.hf_config(cfg)
+        assert out["model_type"] == mt and out["sliding_window"] == 8
+        theirs = cls(**{k: v for k, v in out.items() if k != "model_type"})
+        assert theirs.sliding_window == 8
+        if mt == "qwen2":
+            assert theirs.layer_types == ["sliding_attention"] * 2
+        assert hf.config_from_hf(out) == cfg
+    # A Llama-shaped model with a window exports as Mistral (Llama has none).
+    llama = model_config("llama-tiny", sliding_window=16)
+    assert hf.hf_model_type(llama) == "mistral"

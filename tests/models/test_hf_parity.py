@@ -4,6 +4,8 @@ greedy decode picking the same tokens as `transformers` generate."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,11 @@ from flax import nnx
 
 from rlhf_jax import partitioning  # noqa: E402
 from rlhf_jax.generate import SamplingConfig, SamplingHParams, generate  # noqa: E402
-from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models import Transformer, hf  # noqa: E402
 from tests.models.hf_helpers import (  # noqa: E402
     FAMILIES,
     PAD,
+    hf_family,
     hf_logits,
     make_hf_model,
     padded_batch,
@@ -51,9 +54,11 @@ def _forward(ours, mesh, rules, ids, mask):
 
 
 def test_config_switches(loaded):
-    family, model, cfg, *_ = loaded
-    hc = model.config
+    key, model, cfg, *_ = loaded
+    family, hc = hf_family(key), model.config
     assert cfg.family == family
+    assert cfg.sliding_window == FAMILIES[key].get("sliding_window")
+    assert cfg.max_seq_len == (hc.n_positions if family == "gpt2" else hc.max_position_embeddings)
     assert cfg.tie_embeddings == bool(hc.tie_word_embeddings)
     if family != "gpt2":
         assert cfg.num_kv_heads == hc.num_key_value_heads
@@ -78,6 +83,15 @@ def test_logits_match_transformers(loaded, side):
     got = _forward(ours, mesh, rules, ids, mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    if cfg.sliding_window is not None:
+        # The window matters on these sequences (transformers applies it in eager attention):
+        # the same weights with full attention give other logits.
+        full = nnx.merge(
+            nnx.graphdef(Transformer(dataclasses.replace(cfg, sliding_window=None),
+                                     rngs=nnx.Rngs(0))),
+            nnx.state(ours),
+        )  # fmt: skip
+        assert np.abs(_forward(full, mesh, rules, ids, mask)[real] - want[real]).max() > 1e-2
 
 
 def test_greedy_decode_matches_transformers_generate(loaded):
