@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.errors import SettingsError
 from rlhf_jax.models.config import ModelConfig
 
 # Parameter paths of adapter matrices (for `make_optimizer.trainable`).
@@ -86,7 +87,7 @@ def with_lora(cfg: ModelConfig, settings: dict[str, Any] | None = None) -> Model
     """`cfg` with the gin-configured (or given) LoRA settings; unchanged when rank is 0.
 
     Raises:
-      ValueError: gin sets a rank but not `make_optimizer.trainable` (the base would train
+      SettingsError: gin sets a rank but not `make_optimizer.trainable` (the base would train
         too, while checkpoints keep only the adapters).
     """
     from_gin = settings is None
@@ -99,7 +100,7 @@ def with_lora(cfg: ModelConfig, settings: dict[str, Any] | None = None) -> Model
         except ValueError:
             trainable = None
         if not trainable:
-            raise ValueError(
+            raise SettingsError(
                 "LoRA needs make_optimizer.trainable = ['_lora_[ab]$'] so that only the adapters "
                 "train (include gin/algorithms/lora.gin)"
             )
@@ -107,9 +108,17 @@ def with_lora(cfg: ModelConfig, settings: dict[str, Any] | None = None) -> Model
 
 
 def check_unsupported(stage: str) -> None:
-    """Refuses gin LoRA settings in a stage that does not implement LoRA yet."""
+    """Refuses gin LoRA settings in a stage that does not implement LoRA (a user error: exit
+    code 2 and this one message).
+
+    Raises:
+      SettingsError: gin sets a LoRA rank.
+    """
     if lora_settings().get("lora_rank"):
-        raise ValueError(f"LoRA is not supported in the {stage} stage yet (set LORA_RANK = 0)")
+        raise SettingsError(
+            f"LoRA is not supported in the {stage} stage (LoRA covers the SFT and DPO stages); "
+            "drop gin/algorithms/lora.gin or set LORA_RANK = 0"
+        )
 
 
 def targeted(cfg: ModelConfig, path: str) -> bool:
