@@ -232,6 +232,52 @@ def merged(model, cfg: ModelConfig):
     return base_cfg, nnx.merge(graphdef, state)
 
 
+# GPT-2 (transformers' Conv1D layers, [in, out]): our projection -> its module. Q, K and V share
+# the fused `c_attn`, whose output columns are Q, K, V side by side.
+GPT2_MODULES = {"attn/wo": "attn.c_proj", "mlp/wi": "mlp.c_fc", "mlp/wo": "mlp.c_proj"}
+_QKV = ("attn/wq", "attn/wk", "attn/wv")
+
+
+def _peft_tensors(flat: dict[str, Any], cfg: ModelConfig, gpt2: bool):
+    """{module name: (lora_A [r', in], lora_B [out, r'])} in PEFT's orientation.
+
+    On GPT-2, the adapters of Q, K and V (each [d, r] and [r, N, H]) become one adapter of
+    `c_attn` of rank r * (number of adapted projections): A stacks their A matrices, B places
+    each B in its projection's block of c_attn's output, zeros elsewhere. The product B A is
+    exactly the sum of the separate updates, so the PEFT model computes the same function.
+    """
+    from rlhf_jax import partitioning
+
+    def host(name):
+        return np.asarray(partitioning.to_host(flat[name].get_value()), np.float32)
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    fused: dict[str, list] = {}
+    for name in sorted(flat):
+        m = re.fullmatch(r"blocks/(\d+)/((?:attn|mlp)/w[a-z]+)_lora_a", name)
+        if not m:
+            continue
+        layer, proj = m.groups()
+        a, b = host(name), host(name[: -len("a")] + "b")
+        r = a.shape[-1]
+        a_t, b_t = a.reshape(-1, r).T, b.reshape(r, -1).T  # [r, in], [out, r]
+        if gpt2 and proj in _QKV:
+            fused.setdefault(f"transformer.h.{layer}.attn.c_attn", []).append((proj, a_t, b_t))
+        elif gpt2:
+            out[f"transformer.h.{layer}.{GPT2_MODULES[proj]}"] = (a_t, b_t)
+        else:
+            out[f"model.layers.{layer}.{HF_MODULES[proj]}"] = (a_t, b_t)
+    d = cfg.d_model
+    for module, parts in fused.items():
+        a = np.concatenate([a_t for _, a_t, _ in parts], axis=0)
+        b = np.zeros((3 * d, a.shape[0]), np.float32)
+        for i, (proj, _, b_t) in enumerate(parts):
+            j, r = _QKV.index(proj), b_t.shape[1]
+            b[j * d : (j + 1) * d, i * r : (i + 1) * r] = b_t
+        out[module] = (a, b)
+    return out
+
+
 def save_peft(
     model, cfg: ModelConfig, path: str | os.PathLike, *, base_model: str | None = None
 ) -> Path:
@@ -240,8 +286,9 @@ def save_peft(
     Tensor names follow PEFT's saved LoRA models
     (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and `lora_B`
     [out, r]); `target_modules` lists the adapted modules' full names, so adapters on some
-    layers only are described exactly. Llama-family models only (GPT-2 fuses Q, K and V into
-    one Conv1D, which separate adapters do not map onto; export merged instead).
+    layers only are described exactly. GPT-2 adapters go on its Conv1D modules
+    (`fan_in_fan_out`), Q, K and V together on `c_attn` with a larger rank (`_peft_tensors`),
+    recorded in `rank_pattern` and `alpha_pattern` so that PEFT's scale alpha / r stays ours.
 
     Args:
       model: a `Transformer` with adapters.
@@ -249,36 +296,30 @@ def save_peft(
       path: the output directory (replaced atomically).
       base_model: `base_model_name_or_path` to record (the HF directory of the base).
     """
-    from rlhf_jax import partitioning
     from rlhf_jax.models import hf
     from rlhf_jax.models.safetensors_io import write_streaming
 
-    if hf.hf_model_type(dataclasses.replace(cfg, lora_rank=0)) == "gpt2":
-        raise hf.HFError("PEFT export of GPT-2 adapters is not supported; export merged")
-    flat = _flat(nnx.state(model, nnx.Param))
-    tensors: dict[str, np.ndarray] = {}
-    modules = []
-    for name in sorted(flat):
-        m = re.fullmatch(r"blocks/(\d+)/((?:attn|mlp)/w[a-z]+)_lora_a", name)
-        if not m:
-            continue
-        layer, proj = m.groups()
-        module = f"model.layers.{layer}.{HF_MODULES[proj]}"
-        a = partitioning.to_host(flat[name].get_value())
-        b = partitioning.to_host(flat[name[: -len("a")] + "b"].get_value())
-        r = a.shape[-1]
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
-        modules.append(module)
-    if not modules:
+    gpt2 = hf.hf_model_type(dataclasses.replace(cfg, lora_rank=0)) == "gpt2"
+    adapters = _peft_tensors(_flat(nnx.state(model, nnx.Param)), cfg, gpt2)
+    if not adapters:
         raise hf.HFError("the model has no LoRA adapters to export")
+    dtype = np.dtype(cfg.pdtype)
+    tensors: dict[str, np.ndarray] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for module, (a, b) in sorted(adapters.items()):
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.astype(dtype))
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.astype(dtype))
+        if a.shape[0] != cfg.lora_rank:  # a fused GPT-2 c_attn adapter
+            rank_pattern[re.escape(module)] = a.shape[0]
+            alpha_pattern[re.escape(module)] = cfg.lora_scale * a.shape[0]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(adapters), "bias": "none", "fan_in_fan_out": gpt2,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "base_model_name_or_path": base_model,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }  # fmt: skip
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ from rlhf_jax.models.safetensors_io import SafetensorsFile
 TARGETS = ("attn/w[qkvo]$", "blocks/1/mlp/w[ig]$")
 
 
-def _adapted(seed=0):
+def _adapted(seed=0, preset="llama-tiny", targets=TARGETS):
     """A llama-tiny model with adapters on every attention projection and on layer 1's MLP
     input projections, all B matrices random (a trained-looking adapter)."""
-    cfg = model_config("llama-tiny", vocab_size=96, lora_rank=4, lora_alpha=8.0,
-                       lora_targets=TARGETS)  # fmt: skip
+    cfg = model_config(preset, vocab_size=96, lora_rank=4, lora_alpha=8.0,
+                       lora_targets=targets)  # fmt: skip
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed + 1)
     for path, var in lora._flat(nnx.state(model, nnx.Param)).items():
@@ -146,3 +146,35 @@ def test_gin_lora_needs_the_adapter_only_optimizer():
         lora.check_unsupported("reward-model")
     gin.parse_config("make_optimizer.trainable = ['_lora_[ab]$']")
     assert lora.with_lora(cfg).lora_rank == 4
+
+
+def test_gpt2_peft_export_loads_in_peft(tmp_path):
+    """GPT-2 adapters export onto its Conv1D modules: Q and V's adapters together on the fused
+    c_attn (rank 2r, K's block zero), the others one to one; `peft` gives the same logits."""
+    import peft
+    import torch
+    import transformers
+
+    cfg, model = _adapted(preset="tiny", targets=("attn/w[qvo]$", "blocks/1/mlp/wo$"))
+    base_cfg = cfg.__class__(**{**cfg.__dict__, "lora_rank": 0})
+    base = Transformer(base_cfg, rngs=nnx.Rngs(0))
+    nnx.update(base, nnx.split_state(nnx.state(model, nnx.Param), lora.LoRAParam, ...)[1])
+    hf.save_pretrained(base, base_cfg, tmp_path / "base")
+    out = lora.save_peft(model, cfg, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    assert sorted(config["target_modules"]) == sorted(
+        [f"transformer.h.{i}.attn.{m}" for i in (0, 1) for m in ("c_attn", "c_proj")]
+        + ["transformer.h.1.mlp.c_proj"]
+    )
+    f = SafetensorsFile(out / "adapter_model.safetensors")
+    name = "base_model.model.transformer.h.0.attn.c_attn"
+    assert f.shape(f"{name}.lora_A.weight") == (8, 64)  # Q's and V's A: rank 2 * 4
+    b = np.asarray(f.array(f"{name}.lora_B.weight"))
+    assert b.shape == (3 * 64, 8) and not b[64:128].any() and b[:64, :4].any()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").float()
+    theirs = peft.PeftModel.from_pretrained(theirs, out).eval()
+    with torch.no_grad():
+        got = theirs(input_ids=torch.as_tensor(np.array(_ids()))).logits.numpy()
+    np.testing.assert_allclose(got, _logits(model), atol=1e-4, rtol=0)
+    assert np.abs(_logits(base) - _logits(model)).max() > 1e-3  # the adapters do something
