@@ -1,8 +1,9 @@
-"""A reward-model run that starts from a Hugging Face directory (gin/models/hf.gin's SFT_RUN):
-the SFT run is exported with `rlhf-jax export`, a few reward-model steps train from it with the
-exported tokenizer, and `rlhf-jax export` of the reward run gives a one-label
-`*ForSequenceClassification` that scores like the ensemble's mean head. LoRA settings in the
-reward-model stage are refused with one message (exit code 2)."""
+"""SFT and reward-model runs that start from a Hugging Face directory (gin/models/hf.gin;
+DPO's is tests/dpo/test_dpo_from_hf.py): the SFT run is exported with `rlhf-jax export`, a
+few SFT steps and a few reward-model steps train from it with the exported tokenizer, and
+`rlhf-jax export` of the reward run gives a one-label `*ForSequenceClassification` that scores
+like the ensemble's mean head. LoRA settings in the reward-model stage are refused with one
+message (exit code 2)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,15 @@ from rlhf_jax import cli
 from rlhf_jax.train.checkpoint import load_params, read_model_info
 
 
-def _argv(run, hf_dir, imports, prefs, *extra):
+def _argv(experiment, run, hf_dir, imports, *extra):
     return [
         "train",
-        "--gin_file", "gin/experiments/reward_reviews_tiny.gin",
+        "--gin_file", f"gin/experiments/{experiment}.gin",
         "--gin_file", "gin/models/hf.gin",
         *extra,
         f"--gin.HF_PATH={hf_dir}",
         f"--gin.HF_IMPORT_DIR={imports}",
         f"--gin.RUN_DIR={run}",
-        f"--gin.PREFERENCES={prefs}",
-        "--gin.NUM_HEADS=2",
         "--gin.TRAIN_STEPS=2",
         "--gin.BATCH_SIZE=16",
         "--gin.WARMUP_STEPS=0",
@@ -50,7 +49,9 @@ def test_reward_model_from_exported_checkpoint(sft_run, reviews, tmp_path):
     gin.clear_config()
     run, imports = tmp_path / "rm", tmp_path / "imports"
     try:
-        assert cli.main(_argv(run, hf_dir, imports, prefs)) == 0
+        argv = _argv("reward_reviews_tiny", run, hf_dir, imports, "--gin.NUM_HEADS=2",
+                     f"--gin.PREFERENCES={prefs}")  # fmt: skip
+        assert cli.main(argv) == 0
     finally:
         gin.clear_config()
     assert json.loads((run / "summary.json").read_text())["step"] == 2
@@ -79,6 +80,34 @@ def test_reward_model_from_exported_checkpoint(sft_run, reviews, tmp_path):
     with torch.no_grad():
         score = theirs(input_ids=torch.as_tensor(ids)).logits[:, 0].numpy()
     np.testing.assert_allclose(score, mine.mean(-1) - bias, atol=1e-4, rtol=0)
+
+
+def test_sft_from_exported_checkpoint(sft_run, reviews, tmp_path):
+    """SFT from HF_PATH: the policy starts from the import and the data is tokenized with the
+    HF directory's tokenizer (recorded in model.json for the later stages)."""
+    task = reviews[0]
+    hf_dir = tmp_path / "sft_hf"
+    assert cli.main(["export", str(sft_run), str(hf_dir), "--log_level=WARNING"]) == 0
+    gin.clear_config()
+    run, imports = tmp_path / "sft2", tmp_path / "imports"
+    # The fixture's reviews task (same settings, so it is reused, not rebuilt).
+    task_args = [f"--gin.REVIEWS_DIR={task.out_dir!r}", "--gin.REVIEWS_NUM_TEXTS=3000",
+                 "--gin.reviews_task.num_prompts=32", "--gin.reviews_task.num_eval_prompts=16",
+                 "--gin.LEARNING_RATE=1e-3"]  # fmt: skip
+    try:
+        assert cli.main(_argv("sft_reviews_tiny", run, hf_dir, imports, *task_args)) == 0
+    finally:
+        gin.clear_config()
+    assert json.loads((run / "summary.json").read_text())["step"] == 2
+    info = read_model_info(run)
+    assert info["tokenizer"] == str((hf_dir / "tokenizer.json").absolute())
+    assert info["model_config"] == read_model_info(sft_run)["model_config"]
+    (imported,) = imports.iterdir()
+    base = dict(nnx.to_flat_state(load_params(imported).params))
+    tuned = dict(nnx.to_flat_state(load_params(run).params))
+    assert base.keys() == tuned.keys()
+    moved = [p for p in base if not np.array_equal(base[p].get_value(), tuned[p].get_value())]
+    assert moved  # it trained from the import
 
 
 def test_lora_in_the_reward_stage_is_a_user_error(sft_run, reviews, tmp_path, capsys):
