@@ -43,7 +43,8 @@ class Tokenizer:
       eos_id: id of the end-of-sequence token.
       pad_id: id used for padding (the EOS id if the vocabulary has no pad token).
       vocab_size: number of ids including added tokens.
-      chat_template: jinja2 chat template from tokenizer_config.json, or None.
+      chat_template: jinja2 chat template from tokenizer_config.json (or the
+        chat_template.jinja beside it), or None.
       path: the tokenizer.json file this was read from.
     """
 
@@ -123,6 +124,12 @@ class Tokenizer:
             except (OSError, json.JSONDecodeError) as e:
                 raise TokenizerError(f"cannot read {cfg_path}: {e}") from None
         template = config.get("chat_template")
+        jinja = p.parent / "chat_template.jinja"
+        if template is None and jinja.is_file():  # where recent transformers save it
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"cannot read {jinja}: {e}") from None
         if isinstance(template, list):  # named templates: take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

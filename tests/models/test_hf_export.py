@@ -260,3 +260,29 @@ def test_sliding_window_settings_map_both_ways():
     # A Llama-shaped model with a window exports as Mistral (Llama has none).
     llama = model_config("llama-tiny", sliding_window=16)
     assert hf.hf_model_type(llama) == "mistral"
+
+
+def test_chat_template_saved_by_transformers_is_read(tmp_path):
+    """`transformers` saves a tokenizer's chat template as chat_template.jinja (not in
+    tokenizer_config.json): `load_tokenizer` reads it, and an export carries it on."""
+    import tokenizers
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "hi"]
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    theirs.chat_template = template
+    theirs.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "tok" / "chat_template.jinja").is_file()
+    tok = hf.load_tokenizer(tmp_path / "tok")
+    assert tok.chat_template == template and tok.eos_id == 2
+    cfg = model_config("llama-tiny", vocab_size=len(words))
+    hf.save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path / "out", tokenizer=tok)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    chat = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(chat, tokenize=False) == "user hi "
