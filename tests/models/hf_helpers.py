@@ -24,6 +24,12 @@ FAMILIES = {
             high_freq_factor=4.0, original_max_position_embeddings=16,
         ),
     ),
+    # Llama 2's layout: multi-head attention (no GQA), untied, and linear RoPE scaling.
+    "llama_2": dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    ),
     "mistral": dict(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,

@@ -68,7 +68,8 @@ def test_config_switches(loaded):
         )
     assert cfg.qkv_bias == (family == "qwen2")
     assert cfg.qk_norm == (family == "qwen3")
-    assert cfg.rope_scaling == ("llama3" if family == "llama" else "none")
+    rope = FAMILIES[key].get("rope_parameters", {}).get("rope_type", "default")
+    assert cfg.rope_scaling == ("none" if rope == "default" else rope)
     n_hf = sum(p.numel() for p in model.parameters())
     assert cfg.num_params() == n_hf
 
