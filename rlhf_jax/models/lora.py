@@ -290,6 +290,9 @@ def save_peft(
     (`fan_in_fan_out`), Q, K and V together on `c_attn` with a larger rank (`_peft_tensors`),
     recorded in `rank_pattern` and `alpha_pattern` so that PEFT's scale alpha / r stays ours.
 
+    In a multi-process job every process must call it (the adapters are gathered); process 0
+    writes.
+
     Args:
       model: a `Transformer` with adapters.
       cfg: its config.
@@ -322,6 +325,8 @@ def save_peft(
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }  # fmt: skip
     out = Path(path).expanduser()
+    if jax.process_index() != 0:  # every process gathered the adapters above; process 0 writes
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -1,5 +1,6 @@
 """Two JAX processes load one Hugging Face checkpoint: each reads only the slices its own
-devices hold, and exporting from both gives back the original tensors."""
+devices hold, and exporting from both gives back the original tensors (and their LoRA
+adapters in PEFT's format)."""
 
 import json
 from pathlib import Path
@@ -43,3 +44,8 @@ def test_each_process_reads_its_own_slices(tmp_path, run_workers, free_port):
     assert sorted(src.entries) == sorted(out.entries)
     for k in src.entries:
         np.testing.assert_array_equal(np.asarray(out.array(k)), np.asarray(src.array(k)), k)
+    peft = json.loads((tmp_path / "out_peft" / "adapter_config.json").read_text())
+    assert peft["r"] == 2 and len(peft["target_modules"]) == 4  # q_proj, o_proj of 2 layers
+    adapters = SafetensorsFile(tmp_path / "out_peft" / "adapter_model.safetensors")
+    a = adapters.array("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    assert a.shape == (2, 48) and np.abs(np.asarray(a)).max() > 0  # gathered from both
