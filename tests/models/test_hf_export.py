@@ -286,3 +286,30 @@ def test_chat_template_saved_by_transformers_is_read(tmp_path):
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     chat = [{"role": "user", "content": "hi"}]
     assert again.apply_chat_template(chat, tokenize=False) == "user hi "
+
+
+def test_bad_hf_path_is_a_user_error(qwen2_dir, tmp_path, capsys):
+    """`rlhf-jax train ... --gin.HF_PATH=` on a directory that cannot be imported: exit code 2
+    and one message naming the problem, before any training."""
+    import gin
+
+    from rlhf_jax import cli
+
+    shutil.copytree(qwen2_dir, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"model_type": "falcon"}))
+    cases = [(tmp_path / "hf", "unsupported model_type 'falcon'"),
+             (tmp_path / "none", "is not a Hugging Face model directory")]  # fmt: skip
+    for path, message in cases:
+        gin.clear_config()
+        argv = ["train", "--gin_file", "gin/experiments/dpo_reviews_tiny.gin",
+                "--gin_file", "gin/models/hf.gin", f"--gin.HF_PATH={path}",
+                f"--gin.HF_IMPORT_DIR={tmp_path / 'imports'}", f"--gin.RUN_DIR={tmp_path / 'run'}",
+                f"--gin.PREFERENCES={tmp_path / 'prefs'}", "--log_level=WARNING"]  # fmt: skip
+        try:
+            assert cli.main(argv) == 2
+        finally:
+            gin.clear_config()
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "imports").exists()
