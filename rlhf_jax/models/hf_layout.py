@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -22,8 +21,6 @@ import numpy as np
 
 from rlhf_jax.models.config import DTYPES, ModelConfig
 from rlhf_jax.models.safetensors_io import CheckpointFileError
-
-log = logging.getLogger(__name__)
 
 HFError = CheckpointFileError
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
