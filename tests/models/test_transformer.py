@@ -76,6 +76,34 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(preset):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decode", ["einsum", "reduce"])
+def test_sliding_window_same_in_full_forward_and_cached_decode(decode):
+    """A window of 3 slots: the full forward and a prefill + one-token decode agree (both
+    decode kernels), and the window changes the logits of the later positions only."""
+    m = _model("llama-tiny", sliding_window=3, decode_attention=decode)
+    full = nnx.merge(
+        nnx.graphdef(_model("llama-tiny", decode_attention=decode)), nnx.state(m)
+    )  # the same weights, full attention
+    b, t, prefill, slots = 2, 12, 5, 16
+    ids = _ids(b, t)
+    ref = m(ids)
+    wide = full(ids)
+    np.testing.assert_allclose(wide[:, :3], ref[:, :3], atol=1e-6, rtol=0)
+    assert float(jnp.abs(wide[:, 3:] - ref[:, 3:]).max(axis=-1).min()) > 1e-4  # every one
+    cache = m.init_cache(b, slots, jnp.float32)
+    slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1)
+    pos = jnp.broadcast_to(jnp.arange(prefill), (b, prefill))
+    logits, cache = m(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
+    outs = [logits]
+    for i in range(prefill, t):
+        slot_mask = slot_mask.at[:, i].set(1)
+        logits, cache = m(
+            ids[:, i : i + 1], slot_mask, jnp.full((b, 1), i), cache=cache, cache_index=i
+        )
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
+
+
 def _fused_copy(m: Transformer) -> Transformer:
     """A `fused_qkv` model holding `m`'s weights (Q, K and V stacked on a new axis 1)."""
     fused = Transformer(dataclasses.replace(m.cfg, fused_qkv=True), rngs=nnx.Rngs(1))
@@ -177,6 +205,8 @@ def test_config_validation():
         model_config("llama-tiny", fused_qkv=True)
     with pytest.raises(ValueError, match="decode_attention"):
         model_config("tiny", decode_attention="flash")
+    with pytest.raises(ValueError, match="sliding_window"):
+        model_config("tiny", sliding_window=0)
 
 
 def test_scalar_head_reads_last_real_token():
