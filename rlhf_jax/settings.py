@@ -137,6 +137,47 @@ def writable_file(name: str, value: Any) -> Path:
     return p
 
 
+def lengths(
+    buckets: Any,
+    max_len: Any = None,
+    max_prompt_len: Any = None,
+    on_long_prompt: Any = "truncate",
+    *,
+    prefix: str = "",
+) -> None:
+    """The length settings of a tokenised dataset, checked before any data is read.
+
+    Args:
+      buckets: the padded lengths: a non-empty, strictly increasing sequence of positive ints.
+      max_len: None (the largest bucket) or a positive int no larger than the largest bucket.
+      max_prompt_len: None or a positive int below the effective max_len.
+      on_long_prompt: "truncate" or "drop".
+      prefix: prepended to the setting names in messages (e.g. "reward_preference_data.").
+    """
+    name = f"{prefix}buckets"
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (list, tuple)) or not buckets:
+        raise SettingsError(
+            f"{name}={buckets!r} must be a non-empty tuple of padded lengths, e.g. (64, 128)"
+        )
+    if not all(_is_int(b) and b >= 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise SettingsError(
+            f"{name}={tuple(buckets)!r} must be strictly increasing positive integers"
+        )
+    optional_positive_int(f"{prefix}max_len", max_len)
+    if max_len is not None and max_len > buckets[-1]:
+        raise SettingsError(
+            f"{prefix}max_len={max_len} exceeds the largest bucket {buckets[-1]} ({name})"
+        )
+    optional_positive_int(f"{prefix}max_prompt_len", max_prompt_len)
+    top = buckets[-1] if max_len is None else max_len
+    if max_prompt_len is not None and max_prompt_len >= top:
+        raise SettingsError(
+            f"{prefix}max_prompt_len={max_prompt_len} must be < max_len={top} so that at least "
+            "one completion token fits"
+        )
+    choice(f"{prefix}on_long_prompt", on_long_prompt, ("truncate", "drop"))
+
+
 _HOST_PORT = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:(\d{1,5})$")
 
 
