@@ -5,8 +5,9 @@
     rlhf-jax report DIR
 
 `--gin.KEY=VALUE` flags given to `sweep` are bindings shared by every point. The exit code of
-`sweep` is the number of points that failed (capped at 125); bad input exits with 2 before
-anything is written.
+`sweep` is 0 when every point finished and `FAILED_POINTS_BASE + N` (101, 102, ..., capped at 255)
+when N points failed, so that it never reads as 1 (a crash) or 2 (bad input, which exits before
+anything is written).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from rlhf_jax.sweep.spec import GinRef, Sweep, SweepError, grid_from_flags, load_spec
+
+FAILED_POINTS_BASE = 100  # exit code of a sweep with N failed points: 100 + N
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -145,4 +148,4 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         slurm=_parse_slurm(args.slurm),
         stream=sys.stdout,
     )
-    return min(result.failed, 125)
+    return min(FAILED_POINTS_BASE + result.failed, 255) if result.failed else 0
