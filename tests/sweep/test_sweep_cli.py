@@ -44,6 +44,8 @@ def test_grid_form_builds_the_product():
         (["--gin_file", DPO_GIN, "--grid", "LoopConfig.nope=1,2", *REQUIRED], "nope"),
         (["--gin_file", DPO_GIN, "--grid", "BETA=0.1"], "REQUIRED macro(s) not set"),
         (["--gin_file", "gin/no_such.gin", "--grid", "BETA=0.1"], "not found"),
+        (["--gin_file", DPO_GIN, "--grid", "BETA=0.1", *REQUIRED, "--slurm", "mem"], "--slurm"),
+        (["--gin_file", DPO_GIN, "--grid", "BETA=0.1", "--gin_bindings", "X"], "binding"),
     ],
 )
 def test_bad_grid_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
