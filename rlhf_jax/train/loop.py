@@ -220,6 +220,7 @@ class _Run:
             self.state = spec.state.init()
             self.hp = jax.device_put(spec.hparams, self.rep)
             self.rng = jax.device_put(self.base_rng, self.rep)
+            log.info("no checkpoint in %s: starting at step 0", self.ckpt.directory)
             return
         self.step, self.state, self.hp = restored.step, restored.state, restored.hparams
         if not _same_values(restored.hparams, spec.hparams):
