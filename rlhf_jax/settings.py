@@ -126,6 +126,35 @@ def writable_dir(name: str, value: Any) -> Path:
     return p
 
 
+# Files that mark a folder as something other than a run directory: a training run must not
+# write its checkpoints and logs among them (nor a later command mistake the mix for either).
+FOREIGN_MARKERS = {
+    "preferences.json": "a preferences folder (make-preferences)",
+    "train.parquet": "a dataset folder",
+    "eval.parquet": "a dataset folder",
+    "sweep.json": "a sweep directory",
+    "report.json": "a quickstart output folder",
+    "tokenizer.json": "a task or Hugging Face model folder",
+    "config.json": "a Hugging Face model folder",
+    "model.safetensors": "a Hugging Face model folder",
+    "model.safetensors.index.json": "a Hugging Face model folder",
+}
+
+
+def run_dir(name: str, value: Any) -> Path:
+    """A run directory: writable (or creatable), and not a folder that holds something else
+    (preferences, a sweep, a Hugging Face model, ...). Nothing is created."""
+    p = writable_dir(name, value)
+    if p.is_dir():
+        for marker, what in FOREIGN_MARKERS.items():
+            if (p / marker).exists():
+                raise SettingsError(
+                    f"{name}={str(value)!r} is {what} ({marker}), not a run directory: "
+                    "choose a new or empty folder"
+                )
+    return p
+
+
 def writable_file(name: str, value: Any) -> Path:
     """A file path that can be written: not a folder, its folder writable or creatable."""
     p = Path(path_string(name, value)).expanduser().absolute()

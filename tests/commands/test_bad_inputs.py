@@ -287,6 +287,8 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         "REVIEWS_DIR",
     ),
     "reviews_num_texts_zero": (lambda c: _sft(c, "--gin.REVIEWS_NUM_TEXTS=0"), "num_texts"),
+    "run_dir_is_preferences": (lambda c: _sft(c, run_dir=c.prefs), "preferences folder"),
+    "run_dir_is_task": (lambda c: _sft(c, run_dir=c.task.out_dir), "not a run directory"),
     "run_dir_in_use": (_busy(lambda c: _sft(c, run_dir=c.run)), "in use"),
     # ---- train: data files (reward model on a preferences folder)
     "prefs_missing_train_file": (_bad_prefs("no_train"), "no train file"),
@@ -569,6 +571,8 @@ def test_bad_input_exits_2_with_one_message_and_changes_nothing(name, ctx, capsy
     argv = build(ctx)
     watched = [ctx.run, ctx.new_run, ctx.plain_dir, ctx.plain_file, ctx.prefs, ctx.tmp / "out"]
     watched += [ctx.tmp / "new_prefs", ctx.reward_run]
+    if name == "run_dir_is_task":  # the session's shared task folder
+        watched.append(Path(ctx.task.out_dir))
     before = {str(p): _snapshot(p) for p in watched}
     if busy:
         with RunLock(ctx.run):
