@@ -155,11 +155,36 @@ def run_dir(name: str, value: Any) -> Path:
     return p
 
 
+# What a run directory holds of its own: an output file given by the user may sit in a run
+# directory (e.g. generations beside the policy), but never overwrite one of these.
+RUN_ARTIFACTS = frozenset({
+    "model.json", "config.gin", "metrics.jsonl", "summary.json", "samples.jsonl", "point.json",
+    "bindings.gin", "sweep.log", "reward_norm.json", "gold_eval.json", "source.json",
+    "checkpoints", "checkpoints.bad", "tb", ".lock",
+})  # fmt: skip
+
+
+def _run_artifact(p: Path) -> tuple[Path, str] | None:
+    """(run directory, artifact) when `p` is, or is inside, a file of a run directory."""
+    for parent in p.parents:
+        if (parent / "model.json").is_file():
+            first = p.relative_to(parent).parts[0]
+            return (parent, first) if first in RUN_ARTIFACTS else None
+    return None
+
+
 def writable_file(name: str, value: Any) -> Path:
-    """A file path that can be written: not a folder, its folder writable or creatable."""
+    """A file path that can be written: not a folder, its folder writable or creatable, and not
+    a file a run directory keeps (its metrics, summary, checkpoints, ...)."""
     p = Path(path_string(name, value)).expanduser().absolute()
     if p.is_dir():
         raise SettingsError(f"{name}={str(value)!r} is a folder; it must be a file path")
+    hit = _run_artifact(p)
+    if hit is not None:
+        raise SettingsError(
+            f"{name}={str(value)!r} would overwrite {hit[1]} of the run directory {hit[0]}; "
+            "choose another file name"
+        )
     writable_dir(name, p.parent)
     if p.exists() and not os.access(p, os.W_OK):
         raise SettingsError(f"{name}={str(value)!r} is not writable")

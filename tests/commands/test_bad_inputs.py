@@ -415,6 +415,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "gen_unknown_judge": (lambda c: _gen(c, "--gin.generate_command.judge='oracle'"), "oracle"),
     "gen_unknown_split": (lambda c: _gen(c, "--gin.generate_command.split='nope'"), "nope"),
     "gen_output_is_folder": (lambda c: _gen(c, f"--gin.OUTPUT='{c.plain_dir}'"), "folder"),
+    "gen_output_is_run_metrics": (
+        lambda c: _gen(c, f"--gin.OUTPUT='{c.run / 'metrics.jsonl'}'"),
+        "would overwrite metrics.jsonl",
+    ),
+    "gen_output_in_checkpoints": (
+        lambda c: _gen(c, f"--gin.OUTPUT='{c.run / 'checkpoints' / 'x.jsonl'}'"),
+        "would overwrite checkpoints",
+    ),
     "gen_misspelt_macro": (lambda c: _gen(c, "--gin.OUTPTU='x.jsonl'"), "did you mean OUTPUT"),
     "gen_run_dir_in_use": (
         _busy(lambda c: _gen(c, "--gin.OUTPUT=None", "--gin.generate_command.limit=2")),
