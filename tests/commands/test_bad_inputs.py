@@ -460,6 +460,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _prefs(c, "--gin.make_preferences_command.top_p=-0.1"),
         "top_p",
     ),
+    # ---- export
+    "export_onto_itself": (lambda c: ["export", str(c.run), str(c.run), "--overwrite"], "overlaps"),
+    "export_into_its_run": (lambda c: ["export", str(c.run), str(c.run / "hf")], "overlaps"),
+    "export_onto_other_run": (
+        lambda c: ["export", str(c.run), str(c.reward_run), "--overwrite"],
+        "run directory",
+    ),
+    "export_not_a_run": (lambda c: ["export", str(c.plain_dir), str(c.tmp / "hf")], "run dir"),
     # ---- quickstart, info, the command line itself
     "quickstart_out_dir_is_file": (
         lambda c: ["quickstart", "--fast", "--out_dir", str(c.plain_file)],
