@@ -23,6 +23,7 @@ from pathlib import Path
 import gin
 
 from rlhf_jax import atomic, gin_utils, settings
+from rlhf_jax.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     from rlhf_jax.eval.plots import plot_policies
 
     out = settings.writable_dir("--out_dir", out_dir)
+    for marker in ("model.json", *settings.FOREIGN_MARKERS):
+        if marker != "report.json" and (out / marker).exists():  # report.json: an earlier run
+            raise SettingsError(
+                f"--out_dir {out} holds {marker}: it is a run, data or model folder, not a "
+                "quickstart output folder; choose a new one"
+            )
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"== reviews task -> {out / 'task'}", flush=True)

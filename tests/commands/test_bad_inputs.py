@@ -473,6 +473,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: ["quickstart", "--fast", "--out_dir", str(c.plain_file)],
         "is a file",
     ),
+    "quickstart_out_dir_is_run": (
+        lambda c: ["quickstart", "--fast", "--out_dir", str(c.run)],
+        "model.json",
+    ),
+    "quickstart_out_dir_is_prefs": (
+        lambda c: ["quickstart", "--fast", "--out_dir", str(c.prefs)],
+        "preferences.json",
+    ),
     "quickstart_unused_macro": (lambda c: ["quickstart", "--fast", "--gin.STEPS=3"], "STEPS"),
     "info_mesh_too_big": (
         lambda c: [
