@@ -53,6 +53,13 @@ def integer(name: str, value: Any) -> int:
     return int(value)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """True or False (gin's `True`/`False`, not a string such as 'no')."""
+    if not isinstance(value, bool):
+        raise SettingsError(f"{name}={value!r} must be True or False")
+    return value
+
+
 def finite(name: str, value: Any) -> float:
     """A finite real number."""
     if not _is_number(value) or not math.isfinite(value):

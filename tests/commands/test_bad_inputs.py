@@ -217,6 +217,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "nonfinite_policy": (lambda c: _sft(c, "--gin.NONFINITE_POLICY='explode'"), "nonfinite"),
     "log_every_zero": (lambda c: _sft(c, "--gin.LOG_EVERY=0"), "log_every"),
     "keep_last_zero": (lambda c: _sft(c, "--gin.KEEP_LAST=0"), "keep_last"),
+    "progress_bar_string": (
+        lambda c: _sft(c, "--gin.LoopConfig.progress_bar='no'"),
+        "progress_bar",
+    ),
+    "best_metric_number": (lambda c: _sft(c, "--gin.LoopConfig.best_metric=3"), "best_metric"),
     "best_mode": (lambda c: _sft(c, "--gin.LoopConfig.best_mode='median'"), "best_mode"),
     "eval_every_negative": (lambda c: _sft(c, "--gin.EVAL_EVERY=-1"), "eval_every"),
     "checkpoint_every_negative": (
