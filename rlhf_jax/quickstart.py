@@ -7,7 +7,9 @@ completion length, printed as a table and written to OUT_DIR/report.md and repor
 policy's samples go to its run directory as samples.jsonl.
 
 Re-running the command continues where it stopped: a finished stage (its summary.json exists)
-is skipped, an interrupted one resumes from its last checkpoint.
+is skipped, an interrupted one resumes from its last checkpoint. SIGTERM or SIGINT stops the
+stage at its next step boundary with a checkpoint, and the quickstart then exits with status
+143 without running the later stages.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from pathlib import Path
 import gin
 
 from rlhf_jax import atomic, gin_utils, settings
+from rlhf_jax.errors import SettingsError
 
 log = logging.getLogger(__name__)
+
+# The exit status of a quickstart stopped by SIGTERM/SIGINT (128 + SIGTERM, as a shell reports
+# a process killed by it): neither success nor a user error.
+INTERRUPTED_EXIT_CODE = 143
 
 # Stage sizes: (full, --fast). On a quiet 2-core CPU the full run takes about 3 minutes
 # (151-174 s measured) and --fast about 35 s (a smoke test: its reward model and DPO barely train).
@@ -63,10 +70,19 @@ def run_stage(
     gin.clear_config()
     gin_utils.parse(list(gin_files), list(bindings))
     if command == "train":
-        registry.train_entry()
+        result = registry.train_entry()
     else:
-        registry.make_preferences_command()
+        result = registry.make_preferences_command()
     gin.clear_config()
+    if command == "train" and getattr(result, "status", "done") != "done":
+        # SIGTERM/SIGINT: the stage saved a checkpoint and stopped early. The later stages must
+        # not run on a half-trained model (their results would be silently wrong).
+        print(
+            f"== {title}: interrupted at step {result.step} (checkpoint saved); rerun the same "
+            "command to resume",
+            flush=True,
+        )
+        raise SystemExit(INTERRUPTED_EXIT_CODE)
     dt = time.time() - t0
     print(f"   {title} took {dt:.0f} s", flush=True)
     return dt
@@ -94,6 +110,12 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     from rlhf_jax.eval.plots import plot_policies
 
     out = settings.writable_dir("--out_dir", out_dir)
+    for marker in ("model.json", *settings.FOREIGN_MARKERS):
+        if marker != "report.json" and (out / marker).exists():  # report.json: an earlier run
+            raise SettingsError(
+                f"--out_dir {out} holds {marker}: it is a run, data or model folder, not a "
+                "quickstart output folder; choose a new one"
+            )
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     print(f"== reviews task -> {out / 'task'}", flush=True)

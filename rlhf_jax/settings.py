@@ -53,6 +53,13 @@ def integer(name: str, value: Any) -> int:
     return int(value)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """True or False (gin's `True`/`False`, not a string such as 'no')."""
+    if not isinstance(value, bool):
+        raise SettingsError(f"{name}={value!r} must be True or False")
+    return value
+
+
 def finite(name: str, value: Any) -> float:
     """A finite real number."""
     if not _is_number(value) or not math.isfinite(value):
@@ -126,15 +133,110 @@ def writable_dir(name: str, value: Any) -> Path:
     return p
 
 
+# Files that mark a folder as something other than a run directory: a training run must not
+# write its checkpoints and logs among them (nor a later command mistake the mix for either).
+FOREIGN_MARKERS = {
+    "preferences.json": "a preferences folder (make-preferences)",
+    "train.parquet": "a dataset folder",
+    "eval.parquet": "a dataset folder",
+    "sweep.json": "a sweep directory",
+    "report.json": "a quickstart output folder",
+    "tokenizer.json": "a task or Hugging Face model folder",
+    "config.json": "a Hugging Face model folder",
+    "model.safetensors": "a Hugging Face model folder",
+    "model.safetensors.index.json": "a Hugging Face model folder",
+}
+
+
+def run_dir(name: str, value: Any) -> Path:
+    """A run directory: writable (or creatable), and not a folder that holds something else
+    (preferences, a sweep, a Hugging Face model, ...). Nothing is created."""
+    p = writable_dir(name, value)
+    if p.is_dir():
+        for marker, what in FOREIGN_MARKERS.items():
+            if (p / marker).exists():
+                raise SettingsError(
+                    f"{name}={str(value)!r} is {what} ({marker}), not a run directory: "
+                    "choose a new or empty folder"
+                )
+    return p
+
+
+# What a run directory holds of its own: an output file given by the user may sit in a run
+# directory (e.g. generations beside the policy), but never overwrite one of these.
+RUN_ARTIFACTS = frozenset({
+    "model.json", "config.gin", "metrics.jsonl", "summary.json", "samples.jsonl", "point.json",
+    "bindings.gin", "sweep.log", "reward_norm.json", "gold_eval.json", "source.json",
+    "checkpoints", "checkpoints.bad", "tb", ".lock",
+})  # fmt: skip
+
+
+def _run_artifact(p: Path) -> tuple[Path, str] | None:
+    """(run directory, artifact) when `p` is, or is inside, a file of a run directory."""
+    for parent in p.parents:
+        if (parent / "model.json").is_file():
+            first = p.relative_to(parent).parts[0]
+            return (parent, first) if first in RUN_ARTIFACTS else None
+    return None
+
+
 def writable_file(name: str, value: Any) -> Path:
-    """A file path that can be written: not a folder, its folder writable or creatable."""
+    """A file path that can be written: not a folder, its folder writable or creatable, and not
+    a file a run directory keeps (its metrics, summary, checkpoints, ...)."""
     p = Path(path_string(name, value)).expanduser().absolute()
     if p.is_dir():
         raise SettingsError(f"{name}={str(value)!r} is a folder; it must be a file path")
+    hit = _run_artifact(p)
+    if hit is not None:
+        raise SettingsError(
+            f"{name}={str(value)!r} would overwrite {hit[1]} of the run directory {hit[0]}; "
+            "choose another file name"
+        )
     writable_dir(name, p.parent)
     if p.exists() and not os.access(p, os.W_OK):
         raise SettingsError(f"{name}={str(value)!r} is not writable")
     return p
+
+
+def lengths(
+    buckets: Any,
+    max_len: Any = None,
+    max_prompt_len: Any = None,
+    on_long_prompt: Any = "truncate",
+    *,
+    prefix: str = "",
+) -> None:
+    """The length settings of a tokenised dataset, checked before any data is read.
+
+    Args:
+      buckets: the padded lengths: a non-empty, strictly increasing sequence of positive ints.
+      max_len: None (the largest bucket) or a positive int no larger than the largest bucket.
+      max_prompt_len: None or a positive int below the effective max_len.
+      on_long_prompt: "truncate" or "drop".
+      prefix: prepended to the setting names in messages (e.g. "reward_preference_data.").
+    """
+    name = f"{prefix}buckets"
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (list, tuple)) or not buckets:
+        raise SettingsError(
+            f"{name}={buckets!r} must be a non-empty tuple of padded lengths, e.g. (64, 128)"
+        )
+    if not all(_is_int(b) and b >= 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise SettingsError(
+            f"{name}={tuple(buckets)!r} must be strictly increasing positive integers"
+        )
+    optional_positive_int(f"{prefix}max_len", max_len)
+    if max_len is not None and max_len > buckets[-1]:
+        raise SettingsError(
+            f"{prefix}max_len={max_len} exceeds the largest bucket {buckets[-1]} ({name})"
+        )
+    optional_positive_int(f"{prefix}max_prompt_len", max_prompt_len)
+    top = buckets[-1] if max_len is None else max_len
+    if max_prompt_len is not None and max_prompt_len >= top:
+        raise SettingsError(
+            f"{prefix}max_prompt_len={max_prompt_len} must be < max_len={top} so that at least "
+            "one completion token fits"
+        )
+    choice(f"{prefix}on_long_prompt", on_long_prompt, ("truncate", "drop"))
 
 
 _HOST_PORT = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:(\d{1,5})$")

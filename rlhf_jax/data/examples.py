@@ -38,6 +38,7 @@ import numpy as np
 from rlhf_jax.data import batching
 from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.sources import HIDDEN_COLUMNS, ROW_INDEX, TYPE_ERRORS, source_name
+from rlhf_jax.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +247,18 @@ class Truncator:
         prompt_only: bool = False,
     ):
         if on_long_prompt not in ("truncate", "drop"):
-            raise ValueError(f"on_long_prompt must be 'truncate' or 'drop', got {on_long_prompt!r}")
+            raise SettingsError(
+                f"on_long_prompt must be 'truncate' or 'drop', got {on_long_prompt!r}"
+            )
         self.bos = [] if bos_id is None else [bos_id]
         self.eos_id = eos_id
         self.max_len = max_len
         self.max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
         self.on_long_prompt = on_long_prompt
         if self.max_prompt_len < len(self.bos) + 1:
-            raise ValueError(f"max_prompt_len={self.max_prompt_len} leaves no room for a prompt")
+            raise SettingsError(f"max_prompt_len={self.max_prompt_len} leaves no room for a prompt")
         if not prompt_only and self.max_prompt_len >= max_len:
-            raise ValueError(
+            raise SettingsError(
                 f"max_prompt_len={self.max_prompt_len} must be < max_len={max_len} so that at "
                 "least one completion token fits"
             )

@@ -22,6 +22,7 @@ from typing import Any
 
 import gin
 
+from rlhf_jax import settings
 from rlhf_jax.data.batching import BatchIterator, CollateFn
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.data.preference import build_preference_dataset
@@ -111,12 +112,8 @@ def train_and_eval_iterators(
 
 
 def _check_len(max_len: int | None, buckets: Sequence[int]) -> int:
-    top = max(buckets)
-    if max_len is None:
-        return top
-    if max_len > top:
-        raise ValueError(f"max_len={max_len} exceeds the largest bucket {top}")
-    return max_len
+    settings.lengths(buckets, max_len)
+    return max(buckets) if max_len is None else max_len
 
 
 @gin.configurable("sft_data")

@@ -39,6 +39,7 @@ from rlhf_jax.data.examples import (
     Truncator,
 )
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def build_preference_dataset(
       DataError: a bad row (in "error" mode), a missing column, or no usable rows.
     """
     if format not in PREFERENCE_FORMATS:
-        raise ValueError(
+        raise SettingsError(
             f"unknown preference format {format!r}; choose one of {PREFERENCE_FORMATS}"
         )
     if format == "auto":

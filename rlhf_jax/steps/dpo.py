@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rlhf_jax import settings
+from rlhf_jax.errors import SettingsError
 from rlhf_jax.losses.preference import (
     PREFERENCE_LOSS_TYPES,
     REFERENCE_FREE_TYPES,
@@ -72,14 +74,14 @@ class DPOConfig:
             object.__setattr__(self, "loss_type", tuple(self.loss_type))
         unknown = [t for t in self.loss_types if t not in PREFERENCE_LOSS_TYPES]
         if unknown or not self.loss_types:
-            raise ValueError(
+            raise SettingsError(
                 f"unknown DPO loss type(s) {unknown or self.loss_type!r}; "
                 f"choose from {PREFERENCE_LOSS_TYPES}"
             )
         if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference={self.reference!r}; choose one of {REFERENCE_MODES}")
+            raise SettingsError(f"reference={self.reference!r}; choose one of {REFERENCE_MODES}")
         if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+            raise SettingsError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -131,10 +133,31 @@ class DPOHParams:
         rpo_alpha: float = 0.0,
         debug_nan_step: int = -1,
     ) -> DPOHParams:
-        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`."""
+        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`.
+
+        Raises:
+          errors.SettingsError: a value of the wrong type or out of range, named with its gin
+            macro (BETA > 0, 0 <= LABEL_SMOOTHING < 0.5, DISCOPOP_TAU > 0, ORPO_LAMBDA >= 0,
+            RPO_ALPHA >= 0, the others finite; one finite weight per loss type).
+        """
+        settings.finite("lr_scale", lr_scale)
+        settings.positive_float("beta (BETA)", beta)
+        settings.in_range("label_smoothing (LABEL_SMOOTHING)", label_smoothing, 0.0, 0.5,
+                          high_open=True)  # fmt: skip
+        settings.finite("gamma (SIMPO_GAMMA)", gamma)
+        settings.positive_float("tau (DISCOPOP_TAU)", tau)
+        settings.nonneg_float("orpo_lambda (ORPO_LAMBDA)", orpo_lambda)
+        settings.finite("bco_delta (BCO_DELTA)", bco_delta)
+        settings.nonneg_float("rpo_alpha (RPO_ALPHA)", rpo_alpha)
+        settings.integer("debug_nan_step", debug_nan_step)
         weights = [1.0] * num_loss_types if loss_weights is None else list(loss_weights)
         if len(weights) != num_loss_types:
-            raise ValueError(f"{len(weights)} loss_weights for {num_loss_types} loss types")
+            raise SettingsError(
+                f"loss_weights (LOSS_WEIGHTS) has {len(weights)} weights for {num_loss_types} "
+                "loss types (DPO_LOSS_TYPE): give one weight per type"
+            )
+        for w in weights:
+            settings.finite("loss_weights (LOSS_WEIGHTS)", w)
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
         return cls(
             lr_scale=f32(lr_scale),

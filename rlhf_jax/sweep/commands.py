@@ -5,8 +5,9 @@
     rlhf-jax report DIR
 
 `--gin.KEY=VALUE` flags given to `sweep` are bindings shared by every point. The exit code of
-`sweep` is the number of points that failed (capped at 125); bad input exits with 2 before
-anything is written.
+`sweep` is 0 when every point finished and `FAILED_POINTS_BASE + N` (101, 102, ..., capped at 255)
+when N points failed, so that it never reads as 1 (a crash) or 2 (bad input, which exits before
+anything is written).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rlhf_jax.sweep.spec import GinRef, Sweep, SweepError, grid_from_flags, load_spec
+from rlhf_jax.sweep.spec import (
+    GinRef,
+    Sweep,
+    SweepError,
+    grid_from_flags,
+    load_spec,
+    parse_grid_value,
+)
+
+FAILED_POINTS_BASE = 100  # exit code of a sweep with N failed points: 100 + N
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -65,26 +75,23 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--gold_limit", type=int, default=512, help="prompts used")
 
 
-def _binding_dict(bindings: Sequence[str]) -> dict[str, GinRef]:
-    out = {}
-    for b in bindings:
-        key, sep, value = b.partition("=")
-        if not sep:
-            raise SweepError(f"bad binding {b!r}: expected KEY=VALUE")
-        out[key.strip()] = GinRef(value.strip())
-    return out
-
-
-def _parse_slurm(items: Sequence[str]) -> dict:
-    from rlhf_jax.sweep.spec import parse_grid_value
-
+def _key_values(items: Sequence[str], what: str, parse) -> dict:
+    """`KEY=VALUE` strings as a dict of `parse(VALUE)`; `what` names the flag in errors."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SweepError(f"bad --slurm {item!r}: expected KEY=VALUE")
-        out[key.strip()] = parse_grid_value(value.strip())
+            raise SweepError(f"bad {what} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = parse(value.strip())
     return out
+
+
+def _binding_dict(bindings: Sequence[str]) -> dict[str, GinRef]:
+    return _key_values(bindings, "binding", GinRef)
+
+
+def _parse_slurm(items: Sequence[str]) -> dict:
+    return _key_values(items, "--slurm", parse_grid_value)
 
 
 def build_sweep(args: argparse.Namespace, bindings: Sequence[str]) -> Sweep:
@@ -145,4 +152,4 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         slurm=_parse_slurm(args.slurm),
         stream=sys.stdout,
     )
-    return min(result.failed, 125)
+    return min(FAILED_POINTS_BASE + result.failed, 255) if result.failed else 0

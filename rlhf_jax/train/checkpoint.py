@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -174,8 +175,12 @@ class Checkpointer:
         if not all_finite(params_like):
             log.error("not saving the checkpoint of step %d: its parameters are not finite", step)
             return False
-        if not self.best_metric or not metrics or self.best_metric not in metrics:
-            metrics = None  # kept by LatestN only
+        # Orbax stores the metrics as JSON beside the checkpoint: pass only the ranking metric,
+        # and only when finite (no bare NaN in a file we write; a non-finite eval cannot be the
+        # best, so such a checkpoint is kept by LatestN only).
+        value = (metrics or {}).get(self.best_metric) if self.best_metric else None
+        value = None if value is None else float(value)
+        metrics = {self.best_metric: value} if value is not None and math.isfinite(value) else None
         saved = lora.adapters_only(state.params) if self._lora_base() else state.params
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(saved),
@@ -183,8 +188,6 @@ class Checkpointer:
             aux=ocp.args.StandardSave({"hparams": hparams, "rng": jax.random.key_data(rng)}),
             meta=ocp.args.JsonSave(atomic.strict(dict(meta))),  # strict JSON, as every file
         )
-        if metrics is not None:
-            metrics = {k: float(v) for k, v in metrics.items()}
         return self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(

@@ -206,8 +206,22 @@ def dpo_stage(
         lr_scale=lr_scale, init_from=init_from, stage="dpo_stage",
     )  # fmt: skip
     settings.choice("dpo_stage.reference", reference, ("precomputed", "params"))
-    settings.nonneg_float("dpo_stage.beta (BETA)", beta)
-    settings.in_range("dpo_stage.label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
+    settings.lengths(buckets, max_len, max_prompt_len, on_long_prompt, prefix="dpo_stage.")
+    settings.positive_int("dpo_stage.logits_chunk_size", logits_chunk_size)
+    # The step's static config and traced hyperparameters validate themselves (exit 2).
+    step_cfg = DPOConfig(
+        loss_type=loss_type if isinstance(loss_type, str) else tuple(loss_type),
+        reference=reference,
+        grad_accum_steps=grad_accum_steps,
+        logits_chunk_size=logits_chunk_size,
+        rpo=rpo_alpha is not None,
+    )
+    hparams = DPOHParams.create(
+        num_loss_types=len(step_cfg.loss_types), lr_scale=lr_scale, beta=beta,
+        label_smoothing=label_smoothing, gamma=gamma, tau=tau, orpo_lambda=orpo_lambda,
+        loss_weights=loss_weights, bco_delta=bco_delta, rpo_alpha=rpo_alpha or 0.0,
+        debug_nan_step=debug_nan_step,
+    )  # fmt: skip
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
@@ -228,19 +242,6 @@ def dpo_stage(
         cfg = lora.with_lora(cfg)  # LoRA adapters when gin/algorithms/lora.gin sets a rank
         stages.check_seq_len(cfg, lengths["buckets"][-1])
 
-        step_cfg = DPOConfig(
-            loss_type=loss_type if isinstance(loss_type, str) else tuple(loss_type),
-            reference=reference,
-            grad_accum_steps=grad_accum_steps,
-            logits_chunk_size=logits_chunk_size,
-            rpo=rpo_alpha is not None,
-        )
-        hparams = DPOHParams.create(
-            num_loss_types=len(step_cfg.loss_types), lr_scale=lr_scale, beta=beta,
-            label_smoothing=label_smoothing, gamma=gamma, tau=tau, orpo_lambda=orpo_lambda,
-            loss_weights=loss_weights, bco_delta=bco_delta, rpo_alpha=rpo_alpha or 0.0,
-            debug_nan_step=debug_nan_step,
-        )  # fmt: skip
         optimizer = stages.build_optimizer(loop_cfg.train_steps)
         factory, graphdef = stages.model_state_factory(
             cfg, optimizer, mesh, rules, seed=seed, init_from=init_from,

@@ -100,6 +100,21 @@ def hf_import_run(
     return str(out)
 
 
+def _check_export_target(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuses an OUT_DIR that would replace a run (the exported one or another), even with
+    --overwrite, which is meant for an earlier export."""
+    out = Path(out_dir).expanduser().absolute()
+    src = Path(run_dir).expanduser().absolute()
+    if out == src or out in src.parents or src in out.parents:
+        raise hf.HFError(f"OUT_DIR {out} overlaps the exported run {src}: choose another folder")
+    for p in (out, *out.parents):
+        if (p / "model.json").is_file():
+            raise hf.HFError(
+                f"OUT_DIR {out} is {'' if p == out else 'inside '}the run directory {p}: "
+                "choose another folder (--overwrite only replaces an earlier export)"
+            )
+
+
 def export_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -128,6 +143,7 @@ def export_run(
     """
     from rlhf_jax.data.tokenizer import Tokenizer
 
+    _check_export_target(run_dir, out_dir)
     # Shard the parameters over every device (fsdp), then gather one tensor at a time.
     mesh = partitioning.make_mesh((1, -1, 1))
     loaded = load_params(run_dir, mesh=mesh, step=step)

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlhf_jax import atomic, gin_utils, partitioning, settings
+from rlhf_jax.errors import SettingsError
 from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, replicated
@@ -101,6 +102,10 @@ def validate_loop_config(cfg: LoopConfig) -> None:
     settings.choice(n + "best_mode", cfg.best_mode, ("min", "max"))
     settings.choice(n + "nonfinite_policy", cfg.nonfinite_policy, faults.NONFINITE_POLICIES)
     settings.integer(n + "fault_signal_step", cfg.fault_signal_step)
+    for flag in ("async_checkpointing", "progress_bar", "tensorboard"):
+        settings.boolean(n + flag, getattr(cfg, flag))
+    if cfg.best_metric is not None and not isinstance(cfg.best_metric, str):
+        raise SettingsError(f"{n}best_metric={cfg.best_metric!r} must be a metric name or None")
 
 
 def count_real_tokens(batch: HostBatch) -> float:
@@ -220,6 +225,7 @@ class _Run:
             self.state = spec.state.init()
             self.hp = jax.device_put(spec.hparams, self.rep)
             self.rng = jax.device_put(self.base_rng, self.rep)
+            log.info("no checkpoint in %s: starting at step 0", self.ckpt.directory)
             return
         self.step, self.state, self.hp = restored.step, restored.state, restored.hparams
         if not _same_values(restored.hparams, spec.hparams):

@@ -221,6 +221,9 @@ def reward_preference_data(
       split_fraction: eval share when the source has no eval split (None: no eval).
       eval_batch_size: global eval batch size (default batch_size).
     """
+    settings.lengths(
+        buckets, max_len, max_prompt_len, on_long_prompt, prefix="reward_preference_data."
+    )
     if tokenizer is None:
         raise ValueError("reward_preference_data needs a tokenizer (or an SFT run to take it from)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)

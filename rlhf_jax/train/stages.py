@@ -83,7 +83,7 @@ def check_stage_settings(
     Raises:
       errors.SettingsError / checkpoint.NotARunDirError: naming the setting.
     """
-    settings.writable_dir(f"{stage}.run_dir (RUN_DIR)", run_dir)
+    settings.run_dir(f"{stage}.run_dir (RUN_DIR)", run_dir)
     settings.integer(f"{stage}.seed (SEED)", seed)
     settings.positive_int(f"{stage}.batch_size (BATCH_SIZE)", batch_size)
     settings.positive_int(f"{stage}.grad_accum_steps", grad_accum_steps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,27 @@ def _rm(ctx: Ctx, prefs: Path, *extra: str, run_dir: Path | None = None) -> list
     ]
 
 
+DPO_GIN = str(REPO / "gin/experiments/dpo_reviews_tiny.gin")
+
+
+def _dpo(
+    ctx: Ctx, *extra: str, run_dir: Path | None = None, prefs: Path | None = None
+) -> list[str]:
+    return [
+        "train",
+        "--gin_file",
+        DPO_GIN,
+        f"--gin.RUN_DIR='{ctx.new_run if run_dir is None else run_dir}'",
+        f"--gin.PREFERENCES='{ctx.prefs if prefs is None else prefs}'",
+        f"--gin.SFT_RUN='{ctx.run}'",
+        f"--gin.REF_CACHE_DIR='{ctx.tmp / 'ref_cache'}'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=8",
+        "--gin.LoopConfig.progress_bar=False",
+        *extra,
+    ]
+
+
 def _write_prefs(folder: Path, train_rows: list[dict], eval_rows: list[dict]) -> Path:
     folder.mkdir(parents=True)
     pd.DataFrame(train_rows).to_parquet(folder / "train.parquet")
@@ -125,36 +147,38 @@ def _pairs(n: int, margin=None) -> list[dict]:
 # Each builder prepares whatever bad input its case needs under ctx.tmp and returns the argv.
 
 
-def _bad_prefs(kind: str) -> Callable[[Ctx], list[str]]:
-    def build(ctx: Ctx) -> list[str]:
-        folder = ctx.tmp / f"prefs_{kind}"
-        if kind == "no_train":  # what a kill of the old make-preferences could leave
-            _write_prefs(folder, _pairs(16), _pairs(8))
-            (folder / "train.parquet").unlink()
-        elif kind == "count":
-            _write_prefs(folder, _pairs(16), _pairs(8))
-            (folder / "preferences.json").write_text(
-                json.dumps({"files": {"train.parquet": 20, "eval.parquet": 8}})
-            )
-        elif kind.startswith("margin_"):
-            margin = {"margin_abc": "abc", "margin_str": "2.0", "margin_nan": float("nan")}[kind]
-            rows = _pairs(16, margin=1.0)
-            rows[5]["margin"] = margin
-            folder.mkdir()  # JSONL: a column of mixed types, as a user's file may have
-            for split, split_rows in (("train", rows), ("eval", _pairs(8, margin=1.0))):
-                lines = "".join(json.dumps(r) + "\n" for r in split_rows)
-                (folder / f"{split}.jsonl").write_text(lines)
-        elif kind == "no_column":
-            _write_prefs(folder, [{"prompt": "a", "chosen": "b"}] * 16, _pairs(8))
-        elif kind == "empty_chosen":
-            rows = _pairs(16)
-            rows[3]["chosen"] = "  "
-            _write_prefs(folder, rows, _pairs(8))
-        elif kind == "missing":
-            pass
-        return _rm(ctx, folder)
+def _make_bad_prefs(ctx: Ctx, kind: str) -> Path:
+    """A preferences folder with one defect (`kind`) under ctx.tmp."""
+    folder = ctx.tmp / f"prefs_{kind}"
+    if kind == "no_train":  # what a kill of the old make-preferences could leave
+        _write_prefs(folder, _pairs(16), _pairs(8))
+        (folder / "train.parquet").unlink()
+    elif kind == "count":
+        _write_prefs(folder, _pairs(16), _pairs(8))
+        (folder / "preferences.json").write_text(
+            json.dumps({"files": {"train.parquet": 20, "eval.parquet": 8}})
+        )
+    elif kind.startswith("margin_"):
+        margin = {"margin_abc": "abc", "margin_str": "2.0", "margin_nan": float("nan")}[kind]
+        rows = _pairs(16, margin=1.0)
+        rows[5]["margin"] = margin
+        folder.mkdir()  # JSONL: a column of mixed types, as a user's file may have
+        for split, split_rows in (("train", rows), ("eval", _pairs(8, margin=1.0))):
+            lines = "".join(json.dumps(r) + "\n" for r in split_rows)
+            (folder / f"{split}.jsonl").write_text(lines)
+    elif kind == "no_column":
+        _write_prefs(folder, [{"prompt": "a", "chosen": "b"}] * 16, _pairs(8))
+    elif kind == "empty_chosen":
+        rows = _pairs(16)
+        rows[3]["chosen"] = "  "
+        _write_prefs(folder, rows, _pairs(8))
+    elif kind == "missing":
+        pass
+    return folder
 
-    return build
+
+def _bad_prefs(kind: str) -> Callable[[Ctx], list[str]]:
+    return lambda ctx: _rm(ctx, _make_bad_prefs(ctx, kind))
 
 
 def _prompts_file(text: str, name: str = "prompts.jsonl") -> Callable[[Ctx], str]:
@@ -193,6 +217,11 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "nonfinite_policy": (lambda c: _sft(c, "--gin.NONFINITE_POLICY='explode'"), "nonfinite"),
     "log_every_zero": (lambda c: _sft(c, "--gin.LOG_EVERY=0"), "log_every"),
     "keep_last_zero": (lambda c: _sft(c, "--gin.KEEP_LAST=0"), "keep_last"),
+    "progress_bar_string": (
+        lambda c: _sft(c, "--gin.LoopConfig.progress_bar='no'"),
+        "progress_bar",
+    ),
+    "best_metric_number": (lambda c: _sft(c, "--gin.LoopConfig.best_metric=3"), "best_metric"),
     "best_mode": (lambda c: _sft(c, "--gin.LoopConfig.best_mode='median'"), "best_mode"),
     "eval_every_negative": (lambda c: _sft(c, "--gin.EVAL_EVERY=-1"), "eval_every"),
     "checkpoint_every_negative": (
@@ -254,11 +283,17 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _sft(c, "--gin.BATCH_SIZE=16", run_dir=c.run),
         "batch_size=8 but this iterator has 16",
     ),
+    "rerun_other_data": (  # shorter rows: the same run directory over different data
+        lambda c: _sft(c, "--gin.sft_data.max_len=32", run_dir=c.run),
+        "different data",
+    ),
     "reviews_dir_is_file": (
         lambda c: _sft(c, f"--gin.REVIEWS_DIR='{c.plain_file}'"),
         "REVIEWS_DIR",
     ),
     "reviews_num_texts_zero": (lambda c: _sft(c, "--gin.REVIEWS_NUM_TEXTS=0"), "num_texts"),
+    "run_dir_is_preferences": (lambda c: _sft(c, run_dir=c.prefs), "preferences folder"),
+    "run_dir_is_task": (lambda c: _sft(c, run_dir=c.task.out_dir), "not a run directory"),
     "run_dir_in_use": (_busy(lambda c: _sft(c, run_dir=c.run)), "in use"),
     # ---- train: data files (reward model on a preferences folder)
     "prefs_missing_train_file": (_bad_prefs("no_train"), "no train file"),
@@ -269,6 +304,84 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "prefs_no_rejected_column": (_bad_prefs("no_column"), "rejected"),
     "prefs_empty_chosen": (_bad_prefs("empty_chosen"), "'chosen'"),
     "prefs_folder_missing": (_bad_prefs("missing"), "not found"),
+    # ---- train: DPO-family settings
+    "dpo_beta_zero": (lambda c: _dpo(c, "--gin.BETA=0.0"), "beta"),
+    "dpo_beta_negative": (lambda c: _dpo(c, "--gin.BETA=-0.1"), "beta"),
+    "dpo_beta_nan": (lambda c: _dpo(c, "--gin.BETA=float('nan')"), "beta"),
+    "dpo_label_smoothing_half": (lambda c: _dpo(c, "--gin.LABEL_SMOOTHING=0.5"), "smoothing"),
+    "dpo_label_smoothing_negative": (
+        lambda c: _dpo(c, "--gin.LABEL_SMOOTHING=-0.1"),
+        "smoothing",
+    ),
+    "dpo_simpo_gamma_string": (
+        lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE='simpo'", "--gin.SIMPO_GAMMA='x'"),
+        "gamma",
+    ),
+    "dpo_discopop_tau_zero": (
+        lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE='discopop'", "--gin.DISCOPOP_TAU=0.0"),
+        "tau",
+    ),
+    "dpo_orpo_lambda_negative": (
+        lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE='orpo'", "--gin.ORPO_LAMBDA=-1.0"),
+        "orpo_lambda",
+    ),
+    "dpo_bco_delta_inf": (
+        lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE='bco_pair'", "--gin.BCO_DELTA=float('inf')"),
+        "bco_delta",
+    ),
+    "dpo_rpo_alpha_negative": (lambda c: _dpo(c, "--gin.RPO_ALPHA=-1.0"), "rpo_alpha"),
+    "dpo_unknown_loss_type": (lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE='dpo++'"), "dpo++"),
+    "dpo_loss_weights_length": (
+        lambda c: _dpo(c, "--gin.DPO_LOSS_TYPE=('sigmoid', 'ipo')", "--gin.LOSS_WEIGHTS=[1.0]"),
+        "weights",
+    ),
+    "dpo_unknown_reference": (lambda c: _dpo(c, "--gin.REFERENCE='cached'"), "cached"),
+    "dpo_buckets_empty": (lambda c: _dpo(c, "--gin.BUCKETS=()"), "buckets"),
+    "dpo_buckets_zero": (lambda c: _dpo(c, "--gin.BUCKETS=(0,)"), "buckets"),
+    "dpo_buckets_decreasing": (lambda c: _dpo(c, "--gin.BUCKETS=(64, 32)"), "buckets"),
+    "dpo_buckets_too_long": (lambda c: _dpo(c, "--gin.BUCKETS=(64, 4096)"), "max_seq_len"),
+    "dpo_max_len_zero": (lambda c: _dpo(c, "--gin.MAX_LEN=0"), "max_len"),
+    "dpo_max_prompt_len_negative": (
+        lambda c: _dpo(c, "--gin.MAX_PROMPT_LEN=-4"),
+        "max_prompt_len",
+    ),
+    "dpo_on_long_prompt": (lambda c: _dpo(c, "--gin.ON_LONG_PROMPT='skip'"), "skip"),
+    "dpo_preference_format": (lambda c: _dpo(c, "--gin.PREFERENCE_FORMAT='xml'"), "xml"),
+    "dpo_eval_fraction_one": (lambda c: _dpo(c, "--gin.EVAL_FRACTION=1.0"), "fraction"),
+    "dpo_logits_chunk_zero": (lambda c: _dpo(c, "--gin.LOGITS_CHUNK_SIZE=0"), "chunk"),
+    "dpo_sft_run_missing": (lambda c: _dpo(c, f"--gin.SFT_RUN='{c.tmp / 'nope'}'"), "nope"),
+    "dpo_sft_run_is_reward_run": (
+        lambda c: _dpo(c, f"--gin.SFT_RUN='{c.reward_run}'"),
+        "reward-model",
+    ),
+    "dpo_prefs_missing_train_file": (
+        lambda c: _dpo(c, prefs=_make_bad_prefs(c, "no_train")),
+        "no train file",
+    ),
+    "dpo_rerun_sft_run_dir": (lambda c: _dpo(c, run_dir=c.run), "stage"),
+    # ---- train: reward-model settings
+    "rm_num_heads_zero": (lambda c: _rm(c, c.prefs, "--gin.NUM_HEADS=0"), "num_heads"),
+    "rm_buckets_decreasing": (
+        lambda c: _rm(c, c.prefs, "--gin.RM_BUCKETS=(64, 32)"),
+        "buckets",
+    ),
+    "rm_max_len_zero": (lambda c: _rm(c, c.prefs, "--gin.RM_MAX_LEN=0"), "max_len"),
+    "rm_eval_fraction_negative": (
+        lambda c: _rm(c, c.prefs, "--gin.RM_EVAL_FRACTION=-0.1"),
+        "fraction",
+    ),
+    "rm_label_smoothing_one": (
+        lambda c: _rm(c, c.prefs, "--gin.LABEL_SMOOTHING=1.0"),
+        "smoothing",
+    ),
+    "rm_margin_scale_nan": (
+        lambda c: _rm(c, c.prefs, "--gin.MARGIN_SCALE=float('nan')"),
+        "margin_scale",
+    ),
+    "rm_center_coef_negative": (
+        lambda c: _rm(c, c.prefs, "--gin.CENTER_COEF=-1.0"),
+        "center_coef",
+    ),
     # ---- generate
     "gen_checkpoint_missing": (lambda c: _gen(c, checkpoint=c.tmp / "nope"), "nope"),
     "gen_checkpoint_reward_run": (lambda c: _gen(c, checkpoint=c.reward_run), "reward-model"),
@@ -307,6 +420,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "gen_unknown_judge": (lambda c: _gen(c, "--gin.generate_command.judge='oracle'"), "oracle"),
     "gen_unknown_split": (lambda c: _gen(c, "--gin.generate_command.split='nope'"), "nope"),
     "gen_output_is_folder": (lambda c: _gen(c, f"--gin.OUTPUT='{c.plain_dir}'"), "folder"),
+    "gen_output_is_run_metrics": (
+        lambda c: _gen(c, f"--gin.OUTPUT='{c.run / 'metrics.jsonl'}'"),
+        "would overwrite metrics.jsonl",
+    ),
+    "gen_output_in_checkpoints": (
+        lambda c: _gen(c, f"--gin.OUTPUT='{c.run / 'checkpoints' / 'x.jsonl'}'"),
+        "would overwrite checkpoints",
+    ),
     "gen_misspelt_macro": (lambda c: _gen(c, "--gin.OUTPTU='x.jsonl'"), "did you mean OUTPUT"),
     "gen_run_dir_in_use": (
         _busy(lambda c: _gen(c, "--gin.OUTPUT=None", "--gin.generate_command.limit=2")),
@@ -344,10 +465,26 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
         lambda c: _prefs(c, "--gin.make_preferences_command.top_p=-0.1"),
         "top_p",
     ),
+    # ---- export
+    "export_onto_itself": (lambda c: ["export", str(c.run), str(c.run), "--overwrite"], "overlaps"),
+    "export_into_its_run": (lambda c: ["export", str(c.run), str(c.run / "hf")], "overlaps"),
+    "export_onto_other_run": (
+        lambda c: ["export", str(c.run), str(c.reward_run), "--overwrite"],
+        "run directory",
+    ),
+    "export_not_a_run": (lambda c: ["export", str(c.plain_dir), str(c.tmp / "hf")], "run dir"),
     # ---- quickstart, info, the command line itself
     "quickstart_out_dir_is_file": (
         lambda c: ["quickstart", "--fast", "--out_dir", str(c.plain_file)],
         "is a file",
+    ),
+    "quickstart_out_dir_is_run": (
+        lambda c: ["quickstart", "--fast", "--out_dir", str(c.run)],
+        "model.json",
+    ),
+    "quickstart_out_dir_is_prefs": (
+        lambda c: ["quickstart", "--fast", "--out_dir", str(c.prefs)],
+        "preferences.json",
     ),
     "quickstart_unused_macro": (lambda c: ["quickstart", "--fast", "--gin.STEPS=3"], "STEPS"),
     "info_mesh_too_big": (
@@ -463,6 +600,8 @@ def test_bad_input_exits_2_with_one_message_and_changes_nothing(name, ctx, capsy
     argv = build(ctx)
     watched = [ctx.run, ctx.new_run, ctx.plain_dir, ctx.plain_file, ctx.prefs, ctx.tmp / "out"]
     watched += [ctx.tmp / "new_prefs", ctx.reward_run]
+    if name == "run_dir_is_task":  # the session's shared task folder
+        watched.append(Path(ctx.task.out_dir))
     before = {str(p): _snapshot(p) for p in watched}
     if busy:
         with RunLock(ctx.run):
@@ -482,7 +621,7 @@ def test_bad_input_exits_2_with_one_message_and_changes_nothing(name, ctx, capsy
 
 
 def _subprocess(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(__import__("os").environ)
+    env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run(
         [sys.executable, "-m", "rlhf_jax.cli", *argv],
@@ -538,3 +677,46 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(registry, "info", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["info", "--gin_file", INFO_GIN])
+
+
+# --------------------------------------------------------------- read-only run directories
+
+
+def _without_root_override() -> list[str]:
+    """A command prefix under which file permissions apply even to root: root keeps its uid
+    (so the interpreter under a root-only folder still runs) but loses the capabilities that
+    let it write anywhere (`setpriv`, util-linux). Empty when the tests do not run as root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root, this test needs setpriv (util-linux) to drop DAC override"
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.parametrize("which", ["existing_run", "parent_of_new_run"])
+def test_read_only_run_directory_exits_2(which, sft_run, tmp_path):
+    """A run directory the user cannot write: one message, exit 2, nothing changed."""
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    target = run if which == "existing_run" else run / "child_run"
+    for p in [run, *run.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        before = _snapshot(run)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        argv = ["train", "--gin_file", SFT_GIN, f"--gin.RUN_DIR='{target}'",
+                *(f"--gin.{b}" for b in SFT_BINDINGS)]  # fmt: skip
+        r = subprocess.run(
+            [*_without_root_override(), sys.executable, "-m", "rlhf_jax.cli", *argv],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "not writable" in r.stderr, r.stderr[-3000:]
+        assert [line for line in r.stderr.splitlines() if "error:" in line] == [
+            r.stderr.strip().splitlines()[-1]
+        ]
+        assert _snapshot(run) == before
+        assert not (run / "child_run").exists()
+    finally:
+        for p in [run, *run.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)

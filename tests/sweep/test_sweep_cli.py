@@ -1,6 +1,6 @@
 """`rlhf-jax sweep` from the command line: the grid form builds the product of its --grid
-flags, bad input exits 2 with one message and writes nothing, a spec re-run exits with the
-number of failed points, and the slurm launcher runs points through submitit's local
+flags, bad input exits 2 with one message and writes nothing, a spec re-run exits with 100 +
+the number of failed points, and the slurm launcher runs points through submitit's local
 executor with the same bookkeeping."""
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def test_grid_form_builds_the_product():
         (["--gin_file", DPO_GIN, "--grid", "LoopConfig.nope=1,2", *REQUIRED], "nope"),
         (["--gin_file", DPO_GIN, "--grid", "BETA=0.1"], "REQUIRED macro(s) not set"),
         (["--gin_file", "gin/no_such.gin", "--grid", "BETA=0.1"], "not found"),
+        (["--gin_file", DPO_GIN, "--grid", "BETA=0.1", *REQUIRED, "--slurm", "mem"], "--slurm"),
+        (["--gin_file", DPO_GIN, "--grid", "BETA=0.1", "--gin_bindings", "X"], "binding"),
     ],
 )
 def test_bad_grid_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
@@ -92,7 +94,7 @@ def test_spec_rerun_skips_finished_resumes_unfinished_retries_failed(tiny_sweep,
     )
     rc = cli.main(["sweep", str(spec_file), "--out_dir", str(copy)])
     text = capsys.readouterr().out
-    assert rc == 1, text  # the exit code is the number of failed points
+    assert rc == 101, text  # 100 + the number of failed points (never 2, a user error)
     assert "2 point(s) already finished" in text and f"FAILED  {point_name(BAD)}" in text
     state = json.loads((copy / "sweep.json").read_text())
     # (Resuming compiles the restore path's programs, which the first sweep never ran.)

@@ -95,6 +95,33 @@ def test_keeps_last_k_and_best(tmp_path, sharded):
     ckpt.close()
 
 
+def _reject_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def test_nonfinite_eval_metric_is_never_best_and_all_json_is_strict(tmp_path, sharded):
+    """Orbax writes the ranking metrics beside each checkpoint: no bare NaN/Infinity there, and
+    a checkpoint whose eval metric is not finite is kept by recency only, never as the best."""
+    _, _, _, state = sharded
+    ckpt = Checkpointer(tmp_path / "ck", keep_last=1, keep_best=1, best_metric="eval/loss")
+    for step, loss in {1: 2.0, 2: float("nan"), 3: float("-inf"), 4: 3.0}.items():
+        _save(ckpt, step, state, metrics={"eval/loss": loss, "train/loss": float("inf")})
+    assert ckpt.steps == [1, 4]  # 1: best finite loss, 4: newest
+    ckpt.close()
+    checked = 0
+    for path in (tmp_path / "ck").rglob("*"):
+        if not path.is_file() or path.stat().st_size > 1_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue  # array data
+        if text.lstrip().startswith(("{", "[")):
+            json.loads(text, parse_constant=_reject_constant)
+            checked += 1
+    assert checked >= 4  # metrics and metadata of both kept checkpoints were parsed
+
+
 def test_interrupted_save_is_never_restored(tmp_path, sharded):
     mesh, _, factory, state = sharded
     ckpt = Checkpointer(tmp_path / "ck")
