@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pkgutil
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ import datasets
 import gin
 import numpy as np
 
-from rlhf_jax import atomic, partitioning, settings
+import rlhf_jax.train
+from rlhf_jax import atomic, gin_utils, partitioning, settings
 from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.examples import RowReader
 from rlhf_jax.data.sources import load_source
@@ -37,7 +39,7 @@ from rlhf_jax.data.tasks import judges
 from rlhf_jax.errors import SettingsError, UserError
 from rlhf_jax.eval import policy as policy_eval
 from rlhf_jax.eval.policy import Judge, Policy, Row
-from rlhf_jax.train.checkpoint import MODEL_INFO, resolve_run_dir
+from rlhf_jax.rundir import MODEL_INFO, resolve_run_dir
 from rlhf_jax.train.faults import RunLock
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,43 @@ TRAIN_FILE, EVAL_FILE, META_FILE = "train.parquet", "eval.parquet", "preferences
 
 class CommandError(UserError):
     """A user error in a command's inputs or settings (exit code 2 in the CLI)."""
+
+
+# The modules whose gin configurables gin files may name. Every module of train/ (stages, loop,
+# optimiser, HF import) is listed, so a new stage's configurables are nameable without touching
+# this list.
+CONFIGURABLES: tuple[str, ...] = (
+    "rlhf_jax.models.config",
+    "rlhf_jax.partitioning",
+    "rlhf_jax.data",
+    "rlhf_jax.data.tasks.judges",
+    "rlhf_jax.data.tasks.reviews",
+    *(f"rlhf_jax.train.{m.name}" for m in pkgutil.iter_modules(rlhf_jax.train.__path__)),
+    "rlhf_jax.commands",
+    "rlhf_jax.info",
+)
+
+
+def import_configurables() -> None:
+    """Imports every module in `CONFIGURABLES` (and registers optax's builders)."""
+    gin_utils.import_modules(CONFIGURABLES)
+
+
+def parse_gin(
+    gin_files: Sequence[str], bindings: Sequence[str], *, allow_required: bool = False
+) -> None:
+    """Parses gin files and bindings as every command does (`gin_utils.parse` with
+    `CONFIGURABLES`): unknown names, syntax errors, macros used but never defined, misspelt
+    macro bindings and (unless `allow_required`) REQUIRED macros left unset raise
+    `GinConfigError`."""
+    gin_utils.parse(gin_files, bindings, configurables=CONFIGURABLES, allow_required=allow_required)
+
+
+@gin.configurable("train")
+def train_command(stage: Callable[[], object] = gin.REQUIRED) -> object:
+    """`rlhf-jax train`: runs the stage the gin files configure (`train.stage = @sft_stage`,
+    `@reward_stage`, `@dpo_stage`, ...) and returns what it returns."""
+    return stage()
 
 
 @contextlib.contextmanager

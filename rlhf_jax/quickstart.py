@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import atomic, gin_utils, settings
+from rlhf_jax import atomic, settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run_stage(
     command: str = "train",
 ) -> float:
     """Runs one CLI stage in-process (fresh gin config); skips it if already finished."""
-    from rlhf_jax import registry
+    from rlhf_jax.commands import make_preferences_command, parse_gin, train_command
 
     done = (
         (run_dir / "summary.json").exists()
@@ -61,11 +61,11 @@ def run_stage(
     print(f"== {title} -> {run_dir}", flush=True)
     t0 = time.time()
     gin.clear_config()
-    gin_utils.parse(list(gin_files), list(bindings))
+    parse_gin(list(gin_files), list(bindings))
     if command == "train":
-        registry.train_entry()
+        train_command()
     else:
-        registry.make_preferences_command()
+        make_preferences_command()
     gin.clear_config()
     dt = time.time() - t0
     print(f"   {title} took {dt:.0f} s", flush=True)

@@ -38,7 +38,7 @@ from rlhf_jax.generate import sequence_batch as make_sequence_batch
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.ops import chunked_token_logprobs
 from rlhf_jax.partitioning import to_host
-from rlhf_jax.train.checkpoint import check_model_class, load_params
+from rlhf_jax.rundir import check_model_class, load_params
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Policy:
 
 
 def load_policy(path: str | os.PathLike, mesh: Mesh | None = None, rules: Any = None) -> Policy:
-    """Loads the newest good checkpoint of a policy run (see `train.checkpoint.load_params`).
+    """Loads the newest good checkpoint of a policy run (see `rundir.load_params`).
 
     Args:
       path: a run directory, its `checkpoints/` folder or one `checkpoints/<step>/` folder.

@@ -47,6 +47,7 @@ from rlhf_jax.models.hf_layout import (  # noqa: F401  (public names of this mod
     param_views,
     read_hf_config,
 )
+from rlhf_jax.models.param_paths import param_path
 from rlhf_jax.models.safetensors_io import SafetensorsFile, write_streaming
 from rlhf_jax.models.transformer import Transformer
 
@@ -125,7 +126,6 @@ def _check_tensors(tensors: _Tensors, views: Mapping[str, View], tie: bool) -> N
 
 
 def _flat(state: Any) -> dict[str, Any]:
-    from rlhf_jax.train.optim import param_path
 
     leaves = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda x: isinstance(x, nnx.Variable)
@@ -221,7 +221,6 @@ def _reward_side(root: Path, tensors: _Tensors, cfg: ModelConfig) -> dict | None
 
 
 def _key(path) -> str:
-    from rlhf_jax.train.optim import param_path
 
     return param_path(path)
 

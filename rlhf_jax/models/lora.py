@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.param_paths import param_path
 
 # Parameter paths of adapter matrices (for `make_optimizer.trainable`).
 ADAPTER_PATTERN = r"_lora_[ab]$"
@@ -158,7 +159,6 @@ def is_adapter(path: str) -> bool:
 
 
 def _flat(state: Any) -> dict[str, Any]:
-    from rlhf_jax.train.optim import param_path
 
     leaves = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda x: isinstance(x, nnx.Variable)
@@ -179,7 +179,6 @@ def adapters_only(params: Any) -> Any:
 def without_adapters(params: Any) -> Any:
     """The same parameters with every B set to zero: exactly the base model's function, and
     the base weights are the same arrays (no copy). The DPO/PPO reference of a LoRA policy."""
-    from rlhf_jax.train.optim import param_path
 
     def off(path, v):
         if isinstance(v, nnx.Variable) and param_path(path).endswith("_lora_b"):
@@ -207,7 +206,6 @@ def merged(model, cfg: ModelConfig):
     graphdef, state = nnx.split(abstract)
 
     def value(path, var):
-        from rlhf_jax.train.optim import param_path
 
         name = param_path(path)
         w = flat[name]

@@ -28,7 +28,7 @@ from flax import nnx
 
 from rlhf_jax import partitioning
 from rlhf_jax.models import ScalarModel, hf, lora
-from rlhf_jax.train.checkpoint import (
+from rlhf_jax.rundir import (
     CHECKPOINT_DIR,
     ITEMS,
     MODEL_INFO,
@@ -162,8 +162,8 @@ def export_command(
     """`rlhf-jax export RUN_DIR OUT_DIR`: `export_run` with bad paths and files reported as
     user errors (exit code 2, one message)."""
     from rlhf_jax.data.errors import TokenizerError
-    from rlhf_jax.gin_utils import GinConfigError
-    from rlhf_jax.train.checkpoint import CheckpointRestoreError
+    from rlhf_jax.errors import GinConfigError
+    from rlhf_jax.rundir import CheckpointRestoreError
 
     try:
         return export_run(run_dir, out_dir, step=step, overwrite=overwrite, peft=peft)

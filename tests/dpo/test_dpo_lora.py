@@ -13,7 +13,7 @@ from flax import nnx
 
 from rlhf_jax import cli
 from rlhf_jax.models import lora
-from rlhf_jax.train.checkpoint import load_params
+from rlhf_jax.rundir import load_params
 
 
 def _flat(params):
