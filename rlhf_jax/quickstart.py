@@ -89,7 +89,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     """Runs the whole offline pipeline; returns the evaluation results."""
-    from rlhf_jax.commands import evaluate_policies, read_prompts
+    from rlhf_jax.commands import evaluate_policies
+    from rlhf_jax.data.prompts import read_prompts
     from rlhf_jax.data.tasks.reviews import build_reviews_task
     from rlhf_jax.eval.plots import plot_policies
 

@@ -4,6 +4,7 @@
 RUN_DIR/model.json        the model, its tokenizer and the stage (`write_model_info`): the run's
                           identity (`check_run_identity`) and how to rebuild its model
 RUN_DIR/config.gin        the gin config that ran (`write_config`)
+RUN_DIR/samples.jsonl     generations with their scores (`samples_path`)
 RUN_DIR/checkpoints/      orbax checkpoints (`train.checkpoint.Checkpointer` writes them;
                           `load_params` reads a run's parameters from them)
 ```
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.gin"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_INFO = "model.json"
+SAMPLES_FILE = "samples.jsonl"
 # The items of every checkpoint (see `train.checkpoint`); `load_params` reads "params" alone.
 ITEMS = ("params", "state", "aux", "meta")
 MODEL_CLASSES = {"Transformer": Transformer, "ScalarModel": ScalarModel}
@@ -49,6 +51,20 @@ class CheckpointRestoreError(UserError):
 
 class NotARunDirError(UserError):
     """A path that should be a run directory (of the right kind) is not one."""
+
+
+def samples_path(run_dir: str | os.PathLike) -> Path:
+    """Where a policy's evaluation samples go: RUN_DIR/samples.jsonl."""
+    return Path(run_dir) / SAMPLES_FILE
+
+
+def enclosing_run_dir(path: str | os.PathLike) -> Path | None:
+    """The run directory (a folder with model.json) that holds `path`, if any."""
+    p = Path(path).absolute()
+    for d in (p, *p.parents):
+        if (d / MODEL_INFO).is_file():
+            return d
+    return None
 
 
 def write_config(run_dir: str | os.PathLike, operative: bool = False) -> Path:

@@ -8,15 +8,19 @@ refuses anything else when given `ref=`). Both log-probs are then computed the s
 teacher-forced forward over the sampled tokens (`completion_logprobs`), so that a policy
 compared with itself gives exactly zero rather than the difference between the decode loop's
 cached numerics and a full forward.
+
+`evaluate_policies` puts these together: sample each policy, score with the task's judges,
+report means with standard errors and write each policy's samples to RUN_DIR/samples.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,13 @@ from rlhf_jax.data.errors import TokenizerError
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.data.prompts import build_prompt_dataset
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.errors import UserError
 from rlhf_jax.generate import SampleOutput, Sampler, SamplingConfig, SamplingHParams
 from rlhf_jax.generate import sequence_batch as make_sequence_batch
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.ops import chunked_token_logprobs
 from rlhf_jax.partitioning import to_host
-from rlhf_jax.rundir import check_model_class, load_params
+from rlhf_jax.rundir import check_model_class, load_params, samples_path
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,11 @@ def load_policy(path: str | os.PathLike, mesh: Mesh | None = None, rules: Any = 
         loaded.run_dir,
         loaded.step,
     )
+
+
+@contextlib.contextmanager
+def _no_lock(path: Path) -> Iterator[None]:
+    yield
 
 
 def _prompt_batches(
@@ -343,3 +353,63 @@ def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
 
     partitioning.on_process_0(write, f"writing {path}")
     return path
+
+
+def load_named_policy(path: str | os.PathLike, what: str, **kwargs: Any) -> Policy:
+    """`load_policy`, with a missing or unusable run reported as one user error naming the
+    setting `what` (e.g. "CHECKPOINT") it came from.
+
+    Raises:
+      UserError: `path` is no policy run, or its checkpoint or tokenizer cannot be read.
+    """
+    try:
+        return load_policy(path, **kwargs)
+    except (FileNotFoundError, UserError) as e:
+        raise UserError(f"cannot load the policy from {what}={str(path)!r}: {e}") from e
+
+
+def evaluate_policies(
+    policies: Mapping[str, str | os.PathLike],
+    reference: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    judge: Judge | None,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    batch_size: int = 128,
+    lock: Callable[[Path], contextlib.AbstractContextManager[Any]] = _no_lock,
+) -> dict[str, dict[str, float]]:
+    """Samples each policy on `prompts` at temperature 1 and reports the judges' means, the
+    completion length and the sequence KL to `reference` (all with standard errors); writes
+    each policy's samples to RUN_DIR/samples.jsonl.
+
+    Args:
+      policies: display name -> policy run directory.
+      reference: the reference policy's run directory (e.g. the SFT run).
+      prompts: prompt strings.
+      judge: the task's judges (texts -> {score name: [N] scores}), or None.
+      max_new_tokens, seed, batch_size: sampling settings (the same for every policy).
+      lock: `lock(path)` is held while samples.jsonl is written at `path` (the caller's
+        run-directory lock; evaluation itself takes none).
+
+    Returns:
+      Display name -> `summarize` output.
+    """
+    ref = load_named_policy(reference, "reference")
+    results = {}
+    for name, run_dir in policies.items():
+        pol = load_named_policy(run_dir, name, mesh=ref.mesh, rules=ref.rules)
+        rows = sample(
+            pol,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            ref=ref,
+        )
+        fields = score(rows, judge)
+        path = samples_path(run_dir)
+        with lock(path):
+            write_jsonl(path, rows)
+        results[name] = summarize(rows, [*fields, "kl", "length"])
+    return results
