@@ -162,6 +162,24 @@ def test_no_import_time_cycle_between_modules():
     assert _cycle(edges) is None, f"import cycle: {' -> '.join(_cycle(edges))}"
 
 
+def test_the_cli_module_defines_nothing_that_could_exist_twice():
+    """`python -m rlhf_jax.cli` runs cli.py as `__main__`; nothing imports `rlhf_jax.cli` (it is
+    the top layer), and it defines no class and no gin configurable, so no exception class or
+    configurable can exist twice (once per module name) and no workaround is needed."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    classes = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    configurables = [
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and any("gin" in ast.unparse(d) for d in n.decorator_list)
+    ]
+    assert not classes and not configurables
+    importers = [
+        m for m, imports in _graph().items() if any(t == "rlhf_jax.cli" for t, _, _ in imports)
+    ]
+    assert importers == []
+
+
 @pytest.mark.parametrize(
     ("edges", "expected"),
     [
