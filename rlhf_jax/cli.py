@@ -1,4 +1,5 @@
-"""The `rlhf-jax` command line: train | info | generate | make-preferences | quickstart.
+"""The `rlhf-jax` command line: train | info | generate | make-preferences | quickstart | export |
+sweep | report.
 
 Every command takes `--gin_file` (repeatable; later files win), `--gin.KEY=VALUE` and
 `--gin_bindings KEY=VALUE` (bindings win over files), and the multi-host flags. User errors in
