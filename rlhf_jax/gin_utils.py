@@ -172,6 +172,20 @@ def used_macros() -> set[str]:
     return used
 
 
+def unused_macros() -> dict[str, str | None]:
+    """The macros defined but referenced by no parsed binding, each with the closest macro in
+    use (a likely misspelling of it) or None. Base files define macros for the files that
+    include them, so only a file that completes a configuration (an experiment) should have
+    none."""
+    import difflib
+
+    used = used_macros()
+    return {
+        name: next(iter(difflib.get_close_matches(name, sorted(used), n=1, cutoff=0.5)), None)
+        for name in sorted(set(macros()) - used)
+    }
+
+
 def check_macro_bindings(bindings: Sequence[str], file_macros: set[str] = frozenset()) -> None:
     """Fails on a command-line macro (`NAME=VALUE`) that no gin file defines and nothing
     references: a misspelt macro would otherwise be ignored silently and the run would use the

@@ -21,8 +21,12 @@ def test_there_are_gin_files():
 @pytest.mark.parametrize("path", GIN_FILES)
 def test_every_gin_file_parses(path):
     """Through the CLI's own parsing: unknown names, syntax errors and macros used but never
-    defined (a misspelt `%MACRO`) fail; REQUIRED macros are left for the command line."""
+    defined (a misspelt `%MACRO`) fail, and so does a macro an experiment file sets that
+    nothing uses (a misspelt `MACRO = ...`); REQUIRED macros are left for the command line."""
     commands.parse_gin([str(REPO / path)], [], allow_required=True)
+    if path.startswith("gin/experiments/"):
+        # An experiment file only includes and sets macros: one that nothing uses is misspelt.
+        assert not gin_utils.unused_macros(), f"{path} sets unused macros (misspelt?)"
 
 
 def _run(argv, capsys):
