@@ -18,23 +18,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import json
 import math
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.param_paths import param_path
+from rlhf_jax.models.param_paths import by_path, param_path
 
 # Parameter paths of adapter matrices (for `make_optimizer.trainable`).
 ADAPTER_PATTERN = r"_lora_[ab]$"
@@ -158,17 +152,9 @@ def is_adapter(path: str) -> bool:
     return re.search(ADAPTER_PATTERN, path) is not None
 
 
-def _flat(state: Any) -> dict[str, Any]:
-
-    leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    return {param_path(p): v for p, v in leaves}
-
-
 def has_adapters(params: Any) -> bool:
     """Whether a parameter state holds adapter matrices."""
-    return any(is_adapter(p) for p in _flat(params))
+    return any(is_adapter(p) for p in by_path(params))
 
 
 def adapters_only(params: Any) -> Any:
@@ -188,101 +174,6 @@ def without_adapters(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         off, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-
-
-def merged(model, cfg: ModelConfig):
-    """`(config, model)` without adapters whose weights are W + scale * A . B (fp32 sum, cast
-    back to the parameter dtype): the same function as the adapted model."""
-    from rlhf_jax.models.heads import ScalarModel
-    from rlhf_jax.models.transformer import Transformer
-
-    base_cfg = dataclasses.replace(cfg, lora_rank=0)
-    flat = {k: v.get_value() for k, v in _flat(nnx.state(model, nnx.Param)).items()}
-    if isinstance(model, ScalarModel):
-        cls, kwargs = ScalarModel, {"num_heads": model.num_heads}
-    else:
-        cls, kwargs = Transformer, {}
-    abstract = nnx.eval_shape(lambda: cls(base_cfg, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, state = nnx.split(abstract)
-
-    def value(path, var):
-
-        name = param_path(path)
-        w = flat[name]
-        if f"{name}_lora_a" in flat:
-            a, b = flat[f"{name}_lora_a"], flat[f"{name}_lora_b"]
-            delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
-            w = (w.astype(jnp.float32) + cfg.lora_scale * delta).astype(w.dtype)
-        return var.replace(w)
-
-    state = jax.tree_util.tree_map_with_path(
-        value, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    return base_cfg, nnx.merge(graphdef, state)
-
-
-def save_peft(
-    model, cfg: ModelConfig, path: str | os.PathLike, *, base_model: str | None = None
-) -> Path:
-    """Writes the adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
-
-    Tensor names follow PEFT's saved LoRA models
-    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and `lora_B`
-    [out, r]); `target_modules` lists the adapted modules' full names, so adapters on some
-    layers only are described exactly. Llama-family models only (GPT-2 fuses Q, K and V into
-    one Conv1D, which separate adapters do not map onto; export merged instead).
-
-    Args:
-      model: a `Transformer` with adapters.
-      cfg: its config.
-      path: the output directory (replaced atomically).
-      base_model: `base_model_name_or_path` to record (the HF directory of the base).
-    """
-    from rlhf_jax import partitioning
-    from rlhf_jax.models import hf
-    from rlhf_jax.models.safetensors_io import write_streaming
-
-    if hf.hf_model_type(dataclasses.replace(cfg, lora_rank=0)) == "gpt2":
-        raise hf.HFError("PEFT export of GPT-2 adapters is not supported; export merged")
-    flat = _flat(nnx.state(model, nnx.Param))
-    tensors: dict[str, np.ndarray] = {}
-    modules = []
-    for name in sorted(flat):
-        m = re.fullmatch(r"blocks/(\d+)/((?:attn|mlp)/w[a-z]+)_lora_a", name)
-        if not m:
-            continue
-        layer, proj = m.groups()
-        module = f"model.layers.{layer}.{HF_MODULES[proj]}"
-        a = partitioning.to_host(flat[name].get_value())
-        b = partitioning.to_host(flat[name[: -len("a")] + "b"].get_value())
-        r = a.shape[-1]
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
-        modules.append(module)
-    if not modules:
-        raise hf.HFError("the model has no LoRA adapters to export")
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "base_model_name_or_path": base_model,
-    }  # fmt: skip
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        specs = [(k, v.shape, v.dtype) for k, v in tensors.items()]
-        write_streaming(tmp / "adapter_model.safetensors", specs, tensors.get, {"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def with_fresh_adapters(

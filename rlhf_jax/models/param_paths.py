@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+from flax import nnx
+
 
 def param_path(path: Sequence[Any]) -> str:
     """`blocks/0/attn/wq` for a pytree key path into an `nnx.State` (the `.value` leaf dropped)."""
@@ -18,3 +21,11 @@ def param_path(path: Sequence[Any]) -> str:
     if names and names[-1] == "value":
         names.pop()
     return "/".join(names)
+
+
+def by_path(state: Any) -> dict[str, nnx.Variable]:
+    """The variables of an `nnx.State` by parameter path (`blocks/0/attn/wq` -> variable)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+    return {param_path(p): v for p, v in leaves}

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import ScalarModel, hf, lora
+from rlhf_jax.models import ScalarModel, hf
 from rlhf_jax.rundir import (
     CHECKPOINT_DIR,
     ITEMS,
@@ -145,7 +145,7 @@ def export_run(
         source = Path(base) / "source.json" if base else None
         if source is not None and source.is_file():
             base = json.loads(source.read_text())["hf_path"]
-        return lora.save_peft(model, loaded.config, out, base_model=base)
+        return hf.save_peft(model, loaded.config, out, base_model=base)
     out = hf.save_pretrained(model, loaded.config, out_dir, tokenizer=tok, overwrite=overwrite)
     log.info("exported the %s of %s (step %d) to %s", kind, loaded.run_dir, loaded.step, out)
     return out
