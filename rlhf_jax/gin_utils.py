@@ -2,7 +2,7 @@
 (optax) so gin files can name them.
 
 This module knows gin, not the project: which modules register the configurables a gin file
-may name is the caller's list (`registry.parse_gin` passes the CLI's), and writing the
+may name is the caller's list (`commands.parse_gin` passes every command's), and writing the
 operative config into a run directory is `rundir.write_config`.
 
 Every gin problem the user can cause (unknown name, syntax error, missing file, a REQUIRED macro
