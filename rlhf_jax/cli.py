@@ -1,4 +1,5 @@
-"""The `rlhf-jax` command line: train | info | generate | make-preferences | quickstart.
+"""The `rlhf-jax` command line: train | info | generate | make-preferences | quickstart | export |
+sweep | report.
 
 Every command takes `--gin_file` (repeatable; later files win), `--gin.KEY=VALUE` and
 `--gin_bindings KEY=VALUE` (bindings win over files), and the multi-host flags. User errors in
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import gin
 
-from rlhf_jax import gin_utils, settings
+from rlhf_jax import settings
 from rlhf_jax.errors import UserError
 
 log = logging.getLogger("rlhf_jax")
@@ -44,11 +45,6 @@ gin:
 multi-host (or set RLHF_JAX_COORDINATOR / RLHF_JAX_NUM_PROCESSES / RLHF_JAX_PROCESS_ID):
   --coordinator_address HOST:PORT  --num_processes N  --process_id I
 """
-
-
-# A user error reported with exit code 2 (defined in rlhf_jax.errors so that `python -m
-# rlhf_jax.cli`, where this module is __main__, still catches the one class everyone raises).
-CLIError = UserError
 
 
 def _quote_if_needed(binding: str) -> str:
@@ -176,11 +172,11 @@ def run_command(args: argparse.Namespace, bindings: list[str]) -> int:
         "make-preferences": "gin/base/make_preferences.gin",
     }.get(args.command)
     gin_files = ([base] if base and base not in args.gin_file else []) + list(args.gin_file)
-    gin_utils.parse(gin_files, bindings)
-    from rlhf_jax import registry
+    from rlhf_jax import commands, registry
 
+    commands.parse_gin(gin_files, bindings)
     if args.command == "train":
-        registry.train_entry()
+        registry.train_command()
     elif args.command == "info":
         registry.info()
     elif args.command == "generate":
@@ -238,13 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
-
-
-def train_entry():
-    """Runs the configured stage (see `registry.train_entry`); kept for in-process callers."""
-    from rlhf_jax import registry
-
-    return registry.train_entry()
 
 
 if __name__ == "__main__":

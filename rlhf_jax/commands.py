@@ -1,18 +1,18 @@
-"""The `generate` and `make-preferences` commands (gin-configurable, host-side), and the policy
-evaluation the quickstart runs.
+"""The commands' gin-configurable entry points: thin functions that check their settings before
+anything expensive, call the library and write their outputs.
 
-`generate` samples completions for a prompt file from a policy run and writes JSONL with the
-configured task judge's scores. `make-preferences` samples K completions per prompt, scores
-them with the task's gold judge and labels pairs by Bradley-Terry sampling (Bradley & Terry
-1952): P(a ≻ b) = σ((g_a − g_b) / T), so the temperature T is the label-noise knob (T → 0:
-always the higher gold score). The pairs are saved as a `datasets` dataset in Parquet files
-(`train.parquet`, `eval.parquet`, split by prompt) with prompt, chosen, rejected, both gold
-scores (`chosen_score`, `rejected_score`), every judge's scores and `label_prob` (the gold
-model's probability of the label drawn), which the reward-model stage uses for its label-noise
-ceiling. `rlhf_jax.data.make_preference_iterator(source=OUT_DIR, ...)` reads the folder.
+- `train_command` (`rlhf-jax train`): runs the stage the gin files configure.
+- `generate_command`: samples completions for a prompt file from a policy run and writes JSONL
+  with the task's judge scores (`eval.policy`).
+- `make_preferences_command`: samples K completions per prompt, scores them with the task's
+  gold judge and labels pairs (`data.labelling`), written as a preference folder.
+- `evaluate_policies`: the policy evaluation of the quickstart and the sweep report
+  (`eval.policy.evaluate_policies` with the task's judges and run-directory locks).
 
-User errors (a missing checkpoint, an unreadable prompt file, K < 2, ...) raise `CommandError`,
-which the CLI reports with exit code 2 and one message.
+`parse_gin` is the gin parsing of every command. Judges come from the task named by a `judge`
+or `task` setting (`data.tasks.TASKS`). User errors (a missing checkpoint, an unreadable
+prompt file, K < 2, ...) raise `CommandError` or another `UserError`, which the CLI reports
+with exit code 2 and one message.
 """
 
 from __future__ import annotations
@@ -20,36 +20,66 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
+import pkgutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import gin
 import numpy as np
 
-from rlhf_jax import atomic, partitioning, settings
-from rlhf_jax.data.errors import DataError
-from rlhf_jax.data.examples import RowReader
-from rlhf_jax.data.sources import load_source
-from rlhf_jax.data.tasks import judges
-from rlhf_jax.errors import SettingsError, UserError
+import rlhf_jax.train
+from rlhf_jax import atomic, gin_utils, rundir, settings
+from rlhf_jax.data import labelling
+from rlhf_jax.data.prompts import read_prompts
+from rlhf_jax.data.tasks import TASKS, ReviewsTask
+from rlhf_jax.errors import UserError
 from rlhf_jax.eval import policy as policy_eval
-from rlhf_jax.eval.policy import Judge, Policy, Row
-from rlhf_jax.train.checkpoint import MODEL_INFO, resolve_run_dir
+from rlhf_jax.eval.policy import Judge
 from rlhf_jax.train.faults import RunLock
 
 log = logging.getLogger(__name__)
 
-# Task judges by name: each maps decoded texts to {score name: [N] scores}.
-TASK_JUDGES: dict[str, Judge] = {"reviews": judges.score_texts}
-
-TRAIN_FILE, EVAL_FILE, META_FILE = "train.parquet", "eval.parquet", "preferences.json"
-
 
 class CommandError(UserError):
     """A user error in a command's inputs or settings (exit code 2 in the CLI)."""
+
+
+# The modules whose gin configurables gin files may name. Every module of train/ (stages, loop,
+# optimiser, HF import) is listed, so a new stage's configurables are nameable without touching
+# this list.
+CONFIGURABLES: tuple[str, ...] = (
+    "rlhf_jax.models.config",
+    "rlhf_jax.partitioning",
+    "rlhf_jax.data",
+    "rlhf_jax.data.tasks.judges",
+    "rlhf_jax.data.tasks.reviews",
+    *(f"rlhf_jax.train.{m.name}" for m in pkgutil.iter_modules(rlhf_jax.train.__path__)),
+    "rlhf_jax.commands",
+    "rlhf_jax.info",
+)
+
+
+def import_configurables() -> None:
+    """Imports every module in `CONFIGURABLES` (and registers optax's builders)."""
+    gin_utils.import_modules(CONFIGURABLES)
+
+
+def parse_gin(
+    gin_files: Sequence[str], bindings: Sequence[str], *, allow_required: bool = False
+) -> None:
+    """Parses gin files and bindings as every command does (`gin_utils.parse` with
+    `CONFIGURABLES`): unknown names, syntax errors, macros used but never defined, misspelt
+    macro bindings and (unless `allow_required`) REQUIRED macros left unset raise
+    `GinConfigError`."""
+    gin_utils.parse(gin_files, bindings, configurables=CONFIGURABLES, allow_required=allow_required)
+
+
+@gin.configurable("train")
+def train_command(stage: Callable[[], object] = gin.REQUIRED) -> object:
+    """`rlhf-jax train`: runs the stage the gin files configure (`train.stage = @sft_stage`,
+    `@reward_stage`, `@dpo_stage`, ...) and returns what it returns."""
+    return stage()
 
 
 @contextlib.contextmanager
@@ -61,20 +91,11 @@ def _user_errors(what: str) -> Iterator[None]:
         raise CommandError(f"{what}: {e}") from e
 
 
-def enclosing_run_dir(path: str | os.PathLike) -> Path | None:
-    """The run directory (a folder with model.json) that holds `path`, if any."""
-    p = Path(path).absolute()
-    for d in (p, *p.parents):
-        if (d / MODEL_INFO).is_file():
-            return d
-    return None
-
-
 @contextlib.contextmanager
 def lock_enclosing_run_dir(path: str | os.PathLike) -> Iterator[None]:
     """Holds the lock of the run directory that `path` lies in (if any) while writing there:
     a command never writes into a run directory that another process is using."""
-    run_dir = enclosing_run_dir(Path(path).parent)
+    run_dir = rundir.enclosing_run_dir(Path(path).parent)
     if run_dir is None:
         yield
         return
@@ -82,51 +103,19 @@ def lock_enclosing_run_dir(path: str | os.PathLike) -> Iterator[None]:
         yield
 
 
+def _task(name: str, setting: str) -> type[ReviewsTask]:
+    if name not in TASKS:
+        raise CommandError(f"{setting}={name!r}: unknown task; choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
 def resolve_judge(judge: str | Judge | None) -> Judge | None:
-    """A judge from its name in `TASK_JUDGES`, a callable, or None (no scoring)."""
+    """The judges of the task named `judge` (in `data.tasks.TASKS`), a callable, or None."""
     if judge is None or callable(judge):
         return judge
-    if judge not in TASK_JUDGES:
-        raise CommandError(f"unknown judge {judge!r}; choose one of {sorted(TASK_JUDGES)} or None")
-    return TASK_JUDGES[judge]
-
-
-def read_prompts(
-    source: str | os.PathLike,
-    split: str | None = None,
-    column: str = "prompt",
-    limit: int | None = None,
-) -> list[str]:
-    """Prompt strings from a file, folder or saved dataset (any `load_source` format).
-
-    Args:
-      source: the prompts.
-      split: "train" or "eval"; None takes "eval" when the source has one, else "train".
-      column: the prompt column.
-      limit: keep the first `limit` prompts (None: all).
-
-    Raises:
-      DataError: the source is missing or unreadable, lacks the split or the column, or has a
-        missing, non-string or empty prompt (the message names the file and row).
-    """
-    splits = load_source(str(source))
-    if split is None:
-        split = "eval" if "eval" in splits else "train"
-    if split not in splits:
-        raise DataError(f"{source} has no {split!r} split (it has {sorted(splits)})")
-    ds = splits[split]
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    reader = RowReader(ds, [column])
-    prompts = [reader.text(i, column) for i in reader]
-    if not prompts:
-        raise DataError(f"{source} has no prompts")
-    return prompts
-
-
-def _load_policy(path: str | os.PathLike, what: str = "CHECKPOINT", **kwargs: Any) -> Policy:
-    with _user_errors(f"cannot load the policy from {what}={str(path)!r}"):
-        return policy_eval.load_policy(path, **kwargs)
+    if judge not in TASKS:
+        raise CommandError(f"unknown judge {judge!r}; choose one of {sorted(TASKS)} or None")
+    return TASKS[judge].judge
 
 
 def _read_prompts(prompts: str | os.PathLike, split: str | None, limit: int | None) -> list[str]:
@@ -167,7 +156,8 @@ def generate_command(
       max_new_tokens, temperature, top_p, top_k: sampling settings.
       batch_size: rows per sampler call.
       seed: sampling seed.
-      judge: a name in `TASK_JUDGES` ("reviews"), a callable, or None for no scores.
+      judge: a task name in `data.tasks.TASKS` ("reviews": its judges score the texts), a
+        callable, or None for no scores.
       segment_len: decode the tokens in fixed segments of this many steps (the same samples;
         on GPU it spares a host read-back of the loop condition at every step). 0 = one loop.
 
@@ -175,9 +165,10 @@ def generate_command(
       The JSONL path.
     """
     settings.positive_int("generate_command.num_samples", num_samples)
-    _check_sampling(
-        "generate_command", top_k, segment_len, max_new_tokens, temperature, top_p, batch_size,
-        limit, seed,
+    sampling = _sampling(
+        "generate_command", num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+        segment_len=segment_len, limit=limit,
     )  # fmt: skip
     if output is not None:
         settings.writable_file("generate_command.output (OUTPUT)", output)
@@ -187,161 +178,16 @@ def generate_command(
         out = Path(output)
     else:
         with _user_errors(f"cannot load the policy from CHECKPOINT={str(checkpoint)!r}"):
-            out = resolve_run_dir(checkpoint) / "generations.jsonl"
+            out = rundir.resolve_run_dir(checkpoint) / "generations.jsonl"
     # Taken before sampling: a busy run directory is refused before the expensive work.
     with lock_enclosing_run_dir(out):
-        pol = _load_policy(checkpoint)
-        rows = policy_eval.sample(
-            pol,
-            texts,
-            max_new_tokens=max_new_tokens,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            batch_size=batch_size,
-            segment_len=segment_len,
-        )
+        pol = policy_eval.load_named_policy(checkpoint, "CHECKPOINT")
+        rows = policy_eval.sample(pol, texts, **sampling)
         judge_fields = policy_eval.score(rows, judge_fn)
         policy_eval.write_jsonl(out, rows)
     log.info("wrote %d generations to %s", len(rows), out)
     print(atomic.dumps(policy_eval.summarize(rows, [*judge_fields, "length"])))
     return out
-
-
-def preference_probability(diff: np.ndarray, temperature: float) -> np.ndarray:
-    """Bradley-Terry P(a ≻ b) = σ(diff / T) for gold differences diff = g_a − g_b.
-
-    T = 0 is the noiseless limit: 1 when diff > 0, 0 when diff < 0 and ½ on a tie.
-    """
-    diff = np.asarray(diff, dtype=np.float64)
-    if temperature < 0:
-        raise ValueError(f"label temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
-    # σ(x) = exp(−log(1 + e^{−x})): no overflow however small T is (tiny results underflow
-    # to 0, which is harmless here).
-    with np.errstate(under="ignore"):
-        return np.exp(-np.logaddexp(0.0, -diff / temperature))
-
-
-def label_pairs(
-    rows: Sequence[Row],
-    gold: np.ndarray,
-    *,
-    num_samples: int,
-    temperature: float,
-    rng: np.random.Generator,
-    fields: Sequence[str] = (),
-) -> list[Row]:
-    """Pairs each prompt's samples (0, 1), (2, 3), ... and draws a Bradley-Terry label per pair.
-
-    The pairs of a prompt are disjoint, so with K samples a prompt gives K // 2 independent
-    pairs. A pair whose completions are identical carries no preference, and one with an
-    empty completion cannot be trained on: both are dropped (after their label is drawn, so
-    the labels of the other pairs do not depend on which pairs were dropped).
-
-    Args:
-      rows: prompt-major samples (as `eval.policy.sample` returns them): rows
-        [i*K, (i+1)*K) share their `prompt`; each has a `completion`.
-      gold: [len(rows)] gold scores.
-      num_samples: K, samples per prompt (>= 2).
-      temperature: the Bradley-Terry temperature T >= 0 (0 = noiseless labels).
-      rng: the source of the labels' randomness.
-      fields: further per-row fields (judge scores) copied as `chosen_<f>` / `rejected_<f>`.
-
-    Returns:
-      One dict per kept pair: `prompt`, `chosen`, `rejected`, `chosen_score`,
-      `rejected_score`, `label_prob` (P(chosen ≻ rejected) under the gold model) and the
-      copied fields.
-    """
-    n, k = len(rows), num_samples
-    if k < 2:
-        raise ValueError(f"num_samples={k}: pairs need at least 2 samples per prompt")
-    if n % k:
-        raise ValueError(f"{n} rows are not a whole number of groups of {k} samples")
-    gold = np.asarray(gold, dtype=np.float64)
-    if gold.shape != (n,):
-        raise ValueError(f"gold has shape {gold.shape}, expected ({n},)")
-    first_B = (np.arange(n // k)[:, None] * k + 2 * np.arange(k // 2)[None]).ravel()
-    second_B = first_B + 1
-    p_first_B = preference_probability(gold[first_B] - gold[second_B], temperature)
-    first_wins_B = rng.random(len(first_B)) < p_first_B
-    pairs = []
-    for a, b, p_a, a_wins in zip(first_B, second_B, p_first_B, first_wins_B, strict=True):
-        ra, rb = rows[a], rows[b]
-        if ra["prompt"] != rb["prompt"]:
-            raise ValueError(f"rows {a} and {b} are in one group but have different prompts")
-        if ra["completion"] == rb["completion"]:
-            continue
-        if not ra["completion"].strip() or not rb["completion"].strip():
-            continue
-        win, lose = (a, b) if a_wins else (b, a)
-        pair = {
-            "prompt": ra["prompt"],
-            "chosen": rows[win]["completion"],
-            "rejected": rows[lose]["completion"],
-            "chosen_score": float(gold[win]),
-            "rejected_score": float(gold[lose]),
-            "label_prob": float(p_a if a_wins else 1.0 - p_a),
-        }
-        for f in fields:
-            pair[f"chosen_{f}"] = rows[win][f]
-            pair[f"rejected_{f}"] = rows[lose][f]
-        pairs.append(pair)
-    return pairs
-
-
-def split_prompts(
-    prompts: Sequence[str], eval_fraction: float, rng: np.random.Generator
-) -> set[str]:
-    """The eval prompts: a random `eval_fraction` of the distinct prompts (at least one when
-    eval_fraction > 0, and never all of them)."""
-    distinct = list(dict.fromkeys(prompts))
-    if eval_fraction <= 0:
-        return set()
-    n_eval = max(1, round(eval_fraction * len(distinct)))
-    if n_eval >= len(distinct):
-        raise CommandError(
-            f"eval_fraction={eval_fraction} of {len(distinct)} distinct prompt(s) leaves no "
-            "training prompts"
-        )
-    return {distinct[i] for i in rng.permutation(len(distinct))[:n_eval]}
-
-
-def _write_parquet(path: Path, pairs: list[Row]) -> None:
-    """Saves the pairs as a `datasets` dataset in one Parquet file, atomically and without a
-    progress bar (the caller's progress-bar setting is restored)."""
-    from datasets.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        datasets.Dataset.from_list(pairs).to_parquet(str(tmp))
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
-    os.replace(tmp, path)
-
-
-def _label_stats(pairs: list[Row]) -> dict[str, float]:
-    if not pairs:
-        return {}
-    diff = np.asarray([p["chosen_score"] - p["rejected_score"] for p in pairs])
-    decided = diff != 0
-    prob = np.asarray([p["label_prob"] for p in pairs])
-    return {
-        # Share of labels that agree with the gold ordering, over the pairs gold decides.
-        "label_gold_agreement": float(np.mean(diff[decided] > 0)) if decided.any() else 0.5,
-        # The best accuracy any reward model can expect on these labels (Bayes: max(p, 1-p)).
-        "ceiling": float(np.mean(np.maximum(prob, 1.0 - prob))),
-    }
 
 
 def _check_sampling(
@@ -366,12 +212,43 @@ def _check_sampling(
     settings.integer(f"{command}.seed", seed)
 
 
+def _sampling(
+    command: str,
+    *,
+    num_samples: int,
+    max_new_tokens: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    batch_size: Any,
+    seed: Any,
+    segment_len: Any,
+    limit: Any,
+) -> dict[str, Any]:
+    """Fails before loading anything on sampling settings the sampler would reject; returns
+    the keyword arguments of `eval.policy.sample`."""
+    _check_sampling(
+        command, top_k, segment_len, max_new_tokens, temperature, top_p, batch_size, limit, seed
+    )
+    return {
+        "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "batch_size": batch_size,
+        "segment_len": segment_len,
+    }
+
+
 def _check_preference_settings(
     num_samples: int,
     label_temperature: float,
     eval_fraction: float,
     gold: str,
     gold_weights: Mapping[str, float] | None,
+    task: type[ReviewsTask],
 ) -> None:
     """Fails before any sampling on settings `make_preferences_command` cannot use."""
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
@@ -384,53 +261,9 @@ def _check_preference_settings(
         "make_preferences_command.eval_fraction", eval_fraction, 0.0, 1.0, high_open=True
     )
     try:  # the gold kind and weights, on a dummy score
-        judges.gold_from_scores({k: np.zeros(1) for k in judges.JUDGES}, gold, gold_weights)
+        task.gold_reward({k: np.zeros(1) for k in task.JUDGE_NAMES}, gold, gold_weights)
     except ValueError as e:
         raise CommandError(f"bad gold reward settings: {e}") from None
-
-
-def _write_preferences(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
-    """Writes train.parquet, eval.parquet (when there are eval pairs) and preferences.json (the
-    manifest: `files` maps each file to its row count) into `out`, replacing an earlier
-    folder as a whole (process 0 only in a multi-process job: every process holds the same
-    pairs; all return once the files are in place, and all raise if writing failed)."""
-    partitioning.on_process_0(
-        lambda: _write_preference_files(out, splits, meta), f"writing preferences to {out}"
-    )
-
-
-def _write_preference_files(out: Path, splits: Mapping[str, list[Row]], meta: Mapping[str, Any]):
-    # The whole folder is written at a temporary sibling and renamed into place: a kill leaves
-    # the old folder or the new one, never the new eval split beside no train split.
-    tmp = atomic.temp_sibling(out)
-    try:
-        _write_parquet(tmp / TRAIN_FILE, splits["train"])
-        if splits["eval"]:
-            _write_parquet(tmp / EVAL_FILE, splits["eval"])
-        files = {TRAIN_FILE: len(splits["train"])}
-        if splits["eval"]:
-            files[EVAL_FILE] = len(splits["eval"])
-        atomic.write_json(tmp / META_FILE, {**meta, "files": files}, sort_keys=False)
-        atomic.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_folder(name: str, output: Any) -> Path:
-    """OUTPUT of make-preferences: a new folder, or an earlier preferences folder (replaced as a
-    whole); never a file or a folder holding something else.
-
-    Raises:
-      SettingsError: naming the setting.
-    """
-    out = settings.writable_dir(name, output)
-    if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
-        raise SettingsError(
-            f"{name}={str(output)!r} is a folder that holds other files (no {META_FILE}); "
-            "choose a new folder, it would be replaced as a whole"
-        )
-    return out
 
 
 @gin.configurable
@@ -452,9 +285,11 @@ def make_preferences_command(
     batch_size: int = 128,
     seed: int = 0,
     segment_len: int = 0,
+    task: str = "reviews",
 ) -> Path:
-    """Samples K completions per prompt, scores them with the gold judge, labels pairs by
-    Bradley-Terry sampling and writes OUTPUT/train.parquet, eval.parquet and preferences.json.
+    """Samples K completions per prompt, scores them with the task's judges, labels pairs by
+    Bradley-Terry sampling on its gold reward (`data.labelling`) and writes
+    OUTPUT/train.parquet, eval.parquet and preferences.json.
 
     The gold judge scores the whole text (prompt + completion), as the reviews task defines
     it. train.parquet is written last: its presence means the folder is complete.
@@ -474,52 +309,39 @@ def make_preferences_command(
       batch_size: rows per sampler call.
       seed: seed of the sampling, the prompt split and the labels.
       segment_len: as in `generate_command`.
+      task: the task (in `data.tasks.TASKS`) whose judges and gold reward label the pairs.
 
     Returns:
       The output folder.
     """
-    _check_preference_settings(num_samples, label_temperature, eval_fraction, gold, gold_weights)
-    _check_sampling(
-        "make_preferences_command", top_k, segment_len, max_new_tokens, temperature, top_p,
-        batch_size, limit, seed,
-    )  # fmt: skip
-    check_output_folder("make_preferences_command.output (PREFERENCES)", output)
-    texts = _read_prompts(prompts, split, limit)
-    eval_prompts = split_prompts(texts, eval_fraction, np.random.default_rng([seed, 1]))
-    pol = _load_policy(checkpoint)
-    rows = policy_eval.sample(
-        pol,
-        texts,
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        batch_size=batch_size,
-        segment_len=segment_len,
+    task_cls = _task(task, "make_preferences_command.task")
+    _check_preference_settings(
+        num_samples, label_temperature, eval_fraction, gold, gold_weights, task_cls
     )
-    fields = policy_eval.score(rows, judges.score_texts)
+    sampling = _sampling(
+        "make_preferences_command", num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+        segment_len=segment_len, limit=limit,
+    )  # fmt: skip
+    labelling.check_output_folder("make_preferences_command.output (PREFERENCES)", output)
+    texts = _read_prompts(prompts, split, limit)
+    rng_split, rng_labels = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+    eval_prompts = labelling.split_prompts(texts, eval_fraction, rng_split)
+    pol = policy_eval.load_named_policy(checkpoint, "CHECKPOINT")
+    rows = policy_eval.sample(pol, texts, **sampling)
+    fields = policy_eval.score(rows, task_cls.judge)
     scores = {f: np.asarray([r[f] for r in rows]) for f in fields}
-    gold_scores = judges.gold_from_scores(scores, gold, gold_weights)
-    pairs = label_pairs(
+    gold_scores = task_cls.gold_reward(scores, gold, gold_weights)
+    pairs = labelling.label_pairs(
         rows,
         gold_scores,
         num_samples=num_samples,
         temperature=label_temperature,
-        rng=np.random.default_rng([seed, 2]),
+        rng=rng_labels,
         fields=fields,
     )
-    splits: dict[str, list[Row]] = {"train": [], "eval": []}
-    for p in pairs:
-        splits["eval" if p["prompt"] in eval_prompts else "train"].append(p)
-    if not splits["train"]:
-        candidates = len(texts) * (num_samples // 2)
-        raise CommandError(
-            f"no training pairs: {len(pairs)} of {candidates} candidate pairs were kept (all "
-            "for eval prompts); the others had identical or empty completions (use more "
-            "prompts, a higher sampling temperature or longer completions)"
-        )
+    candidates = len(texts) * (num_samples // 2)
+    splits = labelling.assign_splits(pairs, eval_prompts, candidates)
     if not splits["eval"] and eval_fraction > 0:
         log.warning("no eval pairs were produced; %s will have no eval split", output)
     meta = {
@@ -530,7 +352,7 @@ def make_preferences_command(
         "eval_prompts": len(eval_prompts),
         "num_samples": num_samples,
         "pairs": len(pairs),
-        "dropped_pairs": len(texts) * (num_samples // 2) - len(pairs),
+        "dropped_pairs": candidates - len(pairs),
         "train_pairs": len(splits["train"]),
         "eval_pairs": len(splits["eval"]),
         "label_temperature": label_temperature,
@@ -543,10 +365,10 @@ def make_preferences_command(
             "max_new_tokens": max_new_tokens,
             "seed": seed,
         },
-        **_label_stats(pairs),
+        **labelling.label_stats(pairs),
     }
     out = Path(output)
-    _write_preferences(out, splits, meta)
+    labelling.write_preferences(out, splits, meta)
     log.info(
         "wrote %d train and %d eval pairs to %s (labels agree with gold on %.1f%%)",
         meta["train_pairs"],
@@ -555,11 +377,6 @@ def make_preferences_command(
         100 * meta["label_gold_agreement"],
     )
     return out
-
-
-def samples_path(run_dir: str | os.PathLike) -> Path:
-    """Where `evaluate_policies` writes a policy's samples: RUN_DIR/samples.jsonl."""
-    return Path(run_dir) / "samples.jsonl"
 
 
 def evaluate_policies(
@@ -572,35 +389,16 @@ def evaluate_policies(
     batch_size: int = 128,
     judge: str | Judge | None = "reviews",
 ) -> dict[str, dict[str, float]]:
-    """Samples each policy on `prompts` at temperature 1 and reports the judges' means, the
-    completion length and the sequence KL to `reference` (all with standard errors); writes
-    each policy's samples to RUN_DIR/samples.jsonl.
-
-    Args:
-      policies: display name -> policy run directory.
-      reference: the reference policy's run directory (e.g. the SFT run).
-      prompts: prompt strings.
-      max_new_tokens, seed, batch_size: sampling settings (the same for every policy).
-      judge: as in `generate_command`.
-
-    Returns:
-      Display name -> `eval.policy.summarize` output.
-    """
-    judge_fn = resolve_judge(judge)
-    ref = _load_policy(reference, "reference")
-    results = {}
-    for name, run_dir in policies.items():
-        pol = _load_policy(run_dir, name, mesh=ref.mesh, rules=ref.rules)
-        rows = policy_eval.sample(
-            pol,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            batch_size=batch_size,
-            ref=ref,
-        )
-        fields = policy_eval.score(rows, judge_fn)
-        with lock_enclosing_run_dir(samples_path(run_dir)):
-            policy_eval.write_jsonl(samples_path(run_dir), rows)
-        results[name] = policy_eval.summarize(rows, [*fields, "kl", "length"])
-    return results
+    """`eval.policy.evaluate_policies` with the judges of the task named `judge` (as in
+    `generate_command`), holding each policy's run-directory lock while its samples.jsonl is
+    written."""
+    return policy_eval.evaluate_policies(
+        policies,
+        reference,
+        prompts,
+        judge=resolve_judge(judge),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        lock=lock_enclosing_run_dir,
+    )

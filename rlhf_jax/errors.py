@@ -4,9 +4,6 @@ Everything a user can get wrong (a gin file or binding, a setting out of range, 
 malformed data file, a busy or mismatched run directory) raises a subclass of `UserError`. The
 CLI maps it to exit code 2 and one message without a traceback; any other exception is a bug
 and keeps its traceback (exit code 1).
-
-The class lives in its own small module, imported by everyone, so that `python -m rlhf_jax.cli`
-(where the CLI module is `__main__`) still catches the very class the library raises.
 """
 
 from __future__ import annotations
@@ -21,6 +18,11 @@ class UserError(ValueError):
 
 class SettingsError(UserError):
     """A command-line or gin setting has the wrong type or is out of range."""
+
+
+class GinConfigError(UserError):
+    """A gin file or binding is wrong: unknown name, syntax error, missing file, a REQUIRED
+    macro left unset, a macro used but never defined, or a misspelt macro."""
 
 
 class RunDirMismatchError(UserError):

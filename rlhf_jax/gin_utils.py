@@ -1,5 +1,9 @@
-"""gin plumbing: parse files and bindings, validate macros, dump the operative config, and
-register third-party builders (optax) so gin files can name them.
+"""gin plumbing: parse files and bindings, validate macros, and register third-party builders
+(optax) so gin files can name them.
+
+This module knows gin, not the project: which modules register the configurables a gin file
+may name is the caller's list (`commands.parse_gin` passes every command's), and writing the
+operative config into a run directory is `rundir.write_config`.
 
 Every gin problem the user can cause (unknown name, syntax error, missing file, a REQUIRED macro
 left unset, a macro used but never defined) is raised as `GinConfigError` with one message that
@@ -8,8 +12,8 @@ names the file and line or the binding; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 import tokenize
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,18 +21,13 @@ from pathlib import Path
 import gin
 from gin import config as gin_config
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import GinConfigError
 
 # Repository root: gin files are looked up relative to the working directory first, then here,
 # so `--gin_file gin/experiments/x.gin` works from anywhere inside an editable install.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CONVENTIONAL_MACROS = ("RUN_DIR", "TRAIN_STEPS", "SEED", "BATCH_SIZE")
-
-
-class GinConfigError(UserError):
-    """A user error in gin files or bindings (exit code 2 in the CLI)."""
-
 
 _registered = False
 
@@ -53,19 +52,10 @@ def register_external() -> None:
     _registered = True
 
 
-def import_configurables() -> None:
-    """Imports every module that registers gin configurables, so any gin file parses."""
-    import importlib
-
+def import_modules(modules: Sequence[str]) -> None:
+    """Imports `modules` (dotted names), registering their configurables, and optax's."""
     register_external()
-    for mod in (
-        "rlhf_jax.models.config",
-        "rlhf_jax.partitioning",
-        "rlhf_jax.data",
-        "rlhf_jax.data.tasks.judges",
-        "rlhf_jax.data.tasks.reviews",
-        "rlhf_jax.registry",
-    ):
+    for mod in modules:
         importlib.import_module(mod)
 
 
@@ -106,13 +96,26 @@ def _parse_files(files: Sequence[str]) -> None:
             raise GinConfigError(f"in gin file {f}: {e}") from None
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+def parse(
+    gin_files: Sequence[str],
+    bindings: Sequence[str],
+    *,
+    configurables: Sequence[str] = (),
+    allow_required: bool = False,
+) -> None:
     """Parses files then bindings (later ones win) and validates macros.
+
+    Args:
+      gin_files: gin files, each as given or relative to the repository root.
+      bindings: `KEY=VALUE` bindings (macros or `scope/fn.param`).
+      configurables: modules to import first, so that the names the files use resolve.
+      allow_required: accept `%gin.REQUIRED` macros left unset (a base or algorithm file on
+        its own, which an experiment file or the command line completes).
 
     Raises:
       GinConfigError: with the file/line or binding at fault.
     """
-    import_configurables()
+    import_modules(configurables)
     files = [resolve_gin_file(f) for f in gin_files]
     for b in bindings:
         if "=" not in b:
@@ -134,7 +137,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
         except (ValueError, OSError, KeyError) as e:
             msg = str(e).split("\n")[0]
             raise GinConfigError(f"bad binding {b!r}: {msg}") from None
-    validate_macros()
+    validate_macros(allow_required=allow_required)
     check_macro_bindings(bindings, file_macros)
 
 
@@ -169,6 +172,20 @@ def used_macros() -> set[str]:
     return used
 
 
+def unused_macros() -> dict[str, str | None]:
+    """The macros defined but referenced by no parsed binding, each with the closest macro in
+    use (a likely misspelling of it) or None. Base files define macros for the files that
+    include them, so only a file that completes a configuration (an experiment) should have
+    none."""
+    import difflib
+
+    used = used_macros()
+    return {
+        name: next(iter(difflib.get_close_matches(name, sorted(used), n=1, cutoff=0.5)), None)
+        for name in sorted(set(macros()) - used)
+    }
+
+
 def check_macro_bindings(bindings: Sequence[str], file_macros: set[str] = frozenset()) -> None:
     """Fails on a command-line macro (`NAME=VALUE`) that no gin file defines and nothing
     references: a misspelt macro would otherwise be ignored silently and the run would use the
@@ -196,8 +213,9 @@ def check_macro_bindings(bindings: Sequence[str], file_macros: set[str] = frozen
         )
 
 
-def validate_macros() -> None:
-    """Fails on macros that are used but undefined, or still `%gin.REQUIRED`."""
+def validate_macros(allow_required: bool = False) -> None:
+    """Fails on macros that are used but undefined, or (unless `allow_required`) still
+    `%gin.REQUIRED`."""
     defined = macros()
     used = used_macros()
     missing = sorted(used - set(defined))
@@ -212,7 +230,7 @@ def validate_macros() -> None:
         if isinstance(v, gin_config.ConfigurableReference)
         and v.scoped_selector == "gin.REQUIRED/gin.constant"
     )
-    if required:
+    if required and not allow_required:
         hint = " ".join(f"--gin.{n}=..." for n in required)
         raise GinConfigError(f"REQUIRED macro(s) not set: {', '.join(required)} ({hint})")
 
@@ -223,15 +241,3 @@ def macro_value(name: str, default=None):
         return gin.query_parameter(f"%{name}")
     except ValueError:
         return default
-
-
-def write_config(run_dir: str | os.PathLike, operative: bool = False) -> Path:
-    """Writes the config to RUN_DIR/config.gin (atomically); operative = only what was used."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = gin.operative_config_str() if operative else gin.config_str()
-    path = run_dir / "config.gin"
-    tmp = path.with_suffix(".gin.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

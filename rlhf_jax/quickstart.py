@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import atomic, gin_utils, settings
+from rlhf_jax import atomic, settings
 from rlhf_jax.errors import SettingsError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run_stage(
     command: str = "train",
 ) -> float:
     """Runs one CLI stage in-process (fresh gin config); skips it if already finished."""
-    from rlhf_jax import registry
+    from rlhf_jax.commands import make_preferences_command, parse_gin, train_command
 
     done = (
         (run_dir / "summary.json").exists()
@@ -68,11 +68,11 @@ def run_stage(
     print(f"== {title} -> {run_dir}", flush=True)
     t0 = time.time()
     gin.clear_config()
-    gin_utils.parse(list(gin_files), list(bindings))
+    parse_gin(list(gin_files), list(bindings))
     if command == "train":
-        result = registry.train_entry()
+        result = train_command()
     else:
-        result = registry.make_preferences_command()
+        result = make_preferences_command()
     gin.clear_config()
     if command == "train" and getattr(result, "status", "done") != "done":
         # SIGTERM/SIGINT: the stage saved a checkpoint and stopped early. The later stages must
@@ -105,7 +105,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     """Runs the whole offline pipeline; returns the evaluation results."""
-    from rlhf_jax.commands import evaluate_policies, read_prompts
+    from rlhf_jax.commands import evaluate_policies
+    from rlhf_jax.data.prompts import read_prompts
     from rlhf_jax.data.tasks.reviews import build_reviews_task
     from rlhf_jax.eval.plots import plot_policies
 

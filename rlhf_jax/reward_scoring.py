@@ -31,14 +31,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import partitioning
+from rlhf_jax import atomic, partitioning
 from rlhf_jax.data.batching import pick_bucket
 from rlhf_jax.data.examples import Truncator, new_stats
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.errors import UserError
+from rlhf_jax.rundir import check_model_class, load_params, resolve_run_dir
 from rlhf_jax.steps.reward import make_reward_fn
-from rlhf_jax.train.checkpoint import check_model_class, load_params, resolve_run_dir
-from rlhf_jax.train.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class RewardNormalization:
         """Writes RUN_DIR/reward_norm.json atomically (process 0 only)."""
         path = Path(run_dir) / NORM_FILE
         if jax.process_index() == 0:
-            write_json_atomic(path, dataclasses.asdict(self))
+            atomic.write_json(path, dataclasses.asdict(self))
         return path
 
     @classmethod

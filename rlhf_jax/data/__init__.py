@@ -5,7 +5,8 @@ Modules: sources.py (load files/dirs/hub into train/eval), tokenizer.py (tokeniz
 wrapper), chat.py (chat templates), examples.py (validation, truncation, TokenizedDataset),
 text.py (SFT formats), preference.py (pair formats), prompts.py (prompt-only), batching.py
 (buckets, collation, BatchIterator), pipeline.py (gin-configurable make_*_iterator),
-tasks/ (the "reviews" task and its gold judges).
+labelling.py (Bradley-Terry labels of sampled pairs, the preference folder they are written
+to), tasks/ (the "reviews" task and its gold judges, `TASKS` by name).
 
 Importing this package registers the gin configurables `sft_data`, `preference_data`,
 `prompt_data`, `reviews_task` and `gold_reward`.

@@ -9,11 +9,12 @@ Formats (column names are arguments):
 
 Rows are `[bos] prompt` (at most `max_prompt_len` tokens, BOS included; a longer prompt keeps
 its end or is dropped). `prompt_text` keeps the raw prompt string (the rendered one for
-"messages"), untruncated.
+"messages"), untruncated. `read_prompts` reads the prompt strings alone (for sampling).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import datasets
@@ -28,6 +29,7 @@ from rlhf_jax.data.examples import (
     TokenizedDataset,
     Truncator,
 )
+from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
 
 PromptFormat = Literal["text", "messages"]
@@ -104,3 +106,36 @@ def build_prompt_dataset(
         rows.append({"prompt_ids": np.asarray(p, dtype=np.int32), "prompt_text": texts[j]})
     stats = reader.finish(len(rows))
     return TokenizedDataset("prompt", rows, stats, tokenizer.pad_id, reader.name)
+
+
+def read_prompts(
+    source: str | os.PathLike,
+    split: str | None = None,
+    column: str = "prompt",
+    limit: int | None = None,
+) -> list[str]:
+    """Prompt strings from a file, folder or saved dataset (any `load_source` format).
+
+    Args:
+      source: the prompts.
+      split: "train" or "eval"; None takes "eval" when the source has one, else "train".
+      column: the prompt column.
+      limit: keep the first `limit` prompts (None: all).
+
+    Raises:
+      DataError: the source is missing or unreadable, lacks the split or the column, or has a
+        missing, non-string or empty prompt (the message names the file and row).
+    """
+    splits = load_source(str(source))
+    if split is None:
+        split = "eval" if "eval" in splits else "train"
+    if split not in splits:
+        raise DataError(f"{source} has no {split!r} split (it has {sorted(splits)})")
+    ds = splits[split]
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    reader = RowReader(ds, [column])
+    prompts = [reader.text(i, column) for i in reader]
+    if not prompts:
+        raise DataError(f"{source} has no prompts")
+    return prompts

@@ -28,7 +28,7 @@ def plot_policies(
 
     Args:
       results: {policy name: {"kl", "kl/sem", score, score + "/sem", ...}} as
-        `commands.evaluate_policies` returns (a policy without "kl" is drawn at KL 0).
+        `eval.policy.evaluate_policies` returns (a policy without "kl" is drawn at KL 0).
       path: the PNG to write.
       panels: (score key, axis label) pairs; keys absent from every policy are skipped.
       title: the figure title.

@@ -5,18 +5,22 @@ reference policy.
 KL. For y ~ π(·|x), KL(π‖π_ref)(x) = E_y[log π(y|x) − log π_ref(y|x)] (the k1 estimator), so a
 KL estimate needs samples from π itself: temperature 1, no top-k or top-p filtering (`sample`
 refuses anything else when given `ref=`). Both log-probs are then computed the same way, by a
-teacher-forced forward over the sampled tokens (`completion_logprobs`), so that a policy
-compared with itself gives exactly zero rather than the difference between the decode loop's
-cached numerics and a full forward.
+teacher-forced forward over the sampled tokens (`ops.completion_logprobs`, the log-probs
+to use for any policy ratio), so that a policy compared with itself gives exactly zero rather
+than the difference between the decode loop's cached numerics and a full forward.
+
+`evaluate_policies` puts these together: sample each policy, score with the task's judges,
+report means with standard errors and write each policy's samples to RUN_DIR/samples.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,13 @@ from rlhf_jax.data.errors import TokenizerError
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.data.prompts import build_prompt_dataset
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.errors import UserError
 from rlhf_jax.generate import SampleOutput, Sampler, SamplingConfig, SamplingHParams
 from rlhf_jax.generate import sequence_batch as make_sequence_batch
 from rlhf_jax.models import ModelConfig
-from rlhf_jax.ops import chunked_token_logprobs
+from rlhf_jax.ops import completion_logprobs
 from rlhf_jax.partitioning import to_host
-from rlhf_jax.train.checkpoint import check_model_class, load_params
+from rlhf_jax.rundir import check_model_class, load_params, samples_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class Policy:
 
 
 def load_policy(path: str | os.PathLike, mesh: Mesh | None = None, rules: Any = None) -> Policy:
-    """Loads the newest good checkpoint of a policy run (see `train.checkpoint.load_params`).
+    """Loads the newest good checkpoint of a policy run (see `rundir.load_params`).
 
     Args:
       path: a run directory, its `checkpoints/` folder or one `checkpoints/<step>/` folder.
@@ -113,6 +118,11 @@ def load_policy(path: str | os.PathLike, mesh: Mesh | None = None, rules: Any = 
     )
 
 
+@contextlib.contextmanager
+def _no_lock(path: Path) -> Iterator[None]:
+    yield
+
+
 def _prompt_batches(
     prompts: Sequence[str],
     num_samples: int,
@@ -143,7 +153,7 @@ def _round_batch(batch_size: int, mesh: Mesh) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="chunk_size")
-def completion_logprobs(
+def _teacher_forced_logprobs(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     prompt_ids_BP: jax.Array,
@@ -151,20 +161,15 @@ def completion_logprobs(
     out: SampleOutput,
     chunk_size: int = 128,
 ) -> jax.Array:
-    """Summed log-probs [B] of sampled completions under a model, teacher-forced.
-
-    One forward over prompt + completion; the hidden state at column P − 1 + j predicts
-    completion token j, and only those N columns are unembedded, `chunk_size` positions at a
-    time (never a full [B, T, V] logits array). The stop token that ended a completion counts
-    (it was sampled too); padding does not.
-    """
+    """Summed log-probs [B] of sampled completions under a model: one forward over prompt +
+    completion, then `ops.completion_logprobs` (never a full [B, T, V] logits array)."""
     seq = make_sequence_batch(prompt_ids_BP, prompt_mask_BP, out)
     model = nnx.merge(graphdef, params)
     hidden_BTD, _ = model.forward(seq["input_ids"], seq["attention_mask"], seq["positions"])
-    prompt_len, n_new = prompt_ids_BP.shape[1], out.tokens.shape[1]
-    hidden_BND = hidden_BTD[:, prompt_len - 1 : prompt_len - 1 + n_new]
-    logps_BN = chunked_token_logprobs(hidden_BND, model.unembed, out.tokens, chunk_size)
-    return (logps_BN * out.completion_mask).sum(-1)
+    logps_BN = completion_logprobs(
+        hidden_BTD, model.unembed, out.tokens, out.completion_mask, chunk_size
+    )
+    return logps_BN.sum(-1)
 
 
 def _check_kl_setup(
@@ -266,10 +271,10 @@ def sample(
         else:
             with jax.set_mesh(policy.mesh), nnx.logical_axis_rules(policy.rules):
                 logp_B = to_host(
-                    completion_logprobs(policy.graphdef, policy.params, ids_BP, mask_BP, out)
+                    _teacher_forced_logprobs(policy.graphdef, policy.params, ids_BP, mask_BP, out)
                 )
                 ref_logp_B = to_host(
-                    completion_logprobs(ref.graphdef, ref.params, ids_BP, mask_BP, out)
+                    _teacher_forced_logprobs(ref.graphdef, ref.params, ids_BP, mask_BP, out)
                 )
         tokens_BN, cmask_BN = to_host(out.tokens), to_host(out.completion_mask)
         for b in np.flatnonzero(batch["valid"]):
@@ -343,3 +348,63 @@ def write_jsonl(path: str | os.PathLike, rows: list[Row]) -> Path:
 
     partitioning.on_process_0(write, f"writing {path}")
     return path
+
+
+def load_named_policy(path: str | os.PathLike, what: str, **kwargs: Any) -> Policy:
+    """`load_policy`, with a missing or unusable run reported as one user error naming the
+    setting `what` (e.g. "CHECKPOINT") it came from.
+
+    Raises:
+      UserError: `path` is no policy run, or its checkpoint or tokenizer cannot be read.
+    """
+    try:
+        return load_policy(path, **kwargs)
+    except (FileNotFoundError, UserError) as e:
+        raise UserError(f"cannot load the policy from {what}={str(path)!r}: {e}") from e
+
+
+def evaluate_policies(
+    policies: Mapping[str, str | os.PathLike],
+    reference: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    judge: Judge | None,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    batch_size: int = 128,
+    lock: Callable[[Path], contextlib.AbstractContextManager[Any]] = _no_lock,
+) -> dict[str, dict[str, float]]:
+    """Samples each policy on `prompts` at temperature 1 and reports the judges' means, the
+    completion length and the sequence KL to `reference` (all with standard errors); writes
+    each policy's samples to RUN_DIR/samples.jsonl.
+
+    Args:
+      policies: display name -> policy run directory.
+      reference: the reference policy's run directory (e.g. the SFT run).
+      prompts: prompt strings.
+      judge: the task's judges (texts -> {score name: [N] scores}), or None.
+      max_new_tokens, seed, batch_size: sampling settings (the same for every policy).
+      lock: `lock(path)` is held while samples.jsonl is written at `path` (the caller's
+        run-directory lock; evaluation itself takes none).
+
+    Returns:
+      Display name -> `summarize` output.
+    """
+    ref = load_named_policy(reference, "reference")
+    results = {}
+    for name, run_dir in policies.items():
+        pol = load_named_policy(run_dir, name, mesh=ref.mesh, rules=ref.rules)
+        rows = sample(
+            pol,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            ref=ref,
+        )
+        fields = score(rows, judge)
+        path = samples_path(run_dir)
+        with lock(path):
+            write_jsonl(path, rows)
+        results[name] = summarize(rows, [*fields, "kl", "length"])
+    return results

@@ -1,4 +1,10 @@
-"""rlhf_jax.losses: pure loss functions of arrays (log-probs, rewards, masks), by family."""
+"""rlhf_jax.losses: pure loss functions of arrays (log-probs, rewards, masks), by family.
+
+Modules: reward.py (Bradley-Terry and calibration), preference.py (the DPO family),
+policy.py (PPO / GSPO / CISPO policy and value losses, loss aggregation), advantages.py (GAE
+and the critic-free estimators, reward shaping), controllers.py (KL controller, running
+reward statistics). Log-probs and KL estimators are `rlhf_jax.ops`.
+"""
 
 from rlhf_jax.losses.advantages import (
     ADVANTAGE_ESTIMATORS,

@@ -16,9 +16,11 @@ HF tensor from its views).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from rlhf_jax import partitioning
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.hf_layout import (  # noqa: F401  (public names of this module too)
@@ -47,6 +51,7 @@ from rlhf_jax.models.hf_layout import (  # noqa: F401  (public names of this mod
     param_views,
     read_hf_config,
 )
+from rlhf_jax.models.param_paths import by_path, param_path
 from rlhf_jax.models.safetensors_io import SafetensorsFile, write_streaming
 from rlhf_jax.models.transformer import Transformer
 
@@ -124,15 +129,6 @@ def _check_tensors(tensors: _Tensors, views: Mapping[str, View], tie: bool) -> N
         raise HFError(f"unexpected tensor(s) in the checkpoint: {', '.join(sorted(extra)[:10])}")
 
 
-def _flat(state: Any) -> dict[str, Any]:
-    from rlhf_jax.train.optim import param_path
-
-    leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    return {param_path(p): v for p, v in leaves}
-
-
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -174,7 +170,7 @@ def load_pretrained(
     cls, kwargs = (ScalarModel, {"num_heads": num_heads}) if reward else (Transformer, {})
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs))
     graphdef, state = nnx.split(abstract)
-    shardings = _flat(partitioning.state_shardings(state, mesh, rules))
+    shardings = by_path(partitioning.state_shardings(state, mesh, rules))
     pdtype = np.dtype(cfg.pdtype)
 
     def build(key, var):
@@ -221,8 +217,6 @@ def _reward_side(root: Path, tensors: _Tensors, cfg: ModelConfig) -> dict | None
 
 
 def _key(path) -> str:
-    from rlhf_jax.train.optim import param_path
-
     return param_path(path)
 
 
@@ -268,7 +262,7 @@ def save_pretrained(
 ) -> Path:
     """Writes `model` as a `transformers` directory, one tensor at a time.
 
-    LoRA adapters are merged into their weights first (`lora.merged`; `lora.save_peft` writes
+    LoRA adapters are merged into their weights first (`merge_lora`; `save_peft` writes
     them apart instead). A `Transformer` becomes `<Family>ForCausalLM` (GPT-2:
     `GPT2LMHeadModel`); a `ScalarModel` (reward model) becomes
     `<Family>ForSequenceClassification` with one label. An ensemble of K heads exports its
@@ -295,13 +289,11 @@ def save_pretrained(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
     if config.lora_rank:  # a plain checkpoint: adapters merged into their weights
-        from rlhf_jax.models import lora
-
-        config, model = lora.merged(model, config)
+        config, model = merge_lora(model, config)
     reward = isinstance(model, ScalarModel)
     views = param_views(config, hf_model_type(config), reward=reward)
     hfc = hf_config(config, reward=reward, tokenizer=tokenizer)
-    params = _flat(nnx.state(model, nnx.Param))
+    params = by_path(nnx.state(model, nnx.Param))
     dtype = np.dtype(config.pdtype)
     by_name: dict[str, list[tuple[str, View]]] = {}
     for ours, view in views.items():
@@ -361,6 +353,143 @@ def save_pretrained(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+def merge_lora(model, cfg: ModelConfig):
+    """`(config, model)` without adapters whose weights are W + scale * A . B (fp32 sum, cast
+    back to the parameter dtype): the same function as the adapted model (what a merged
+    export writes)."""
+    base_cfg = dataclasses.replace(cfg, lora_rank=0)
+    flat = {k: v.get_value() for k, v in by_path(nnx.state(model, nnx.Param)).items()}
+    if isinstance(model, ScalarModel):
+        cls, kwargs = ScalarModel, {"num_heads": model.num_heads}
+    else:
+        cls, kwargs = Transformer, {}
+    abstract = nnx.eval_shape(lambda: cls(base_cfg, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, state = nnx.split(abstract)
+
+    def value(path, var):
+        name = param_path(path)
+        w = flat[name]
+        if f"{name}_lora_a" in flat:
+            a, b = flat[f"{name}_lora_a"], flat[f"{name}_lora_b"]
+            delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+            w = (w.astype(jnp.float32) + cfg.lora_scale * delta).astype(w.dtype)
+        return var.replace(w)
+
+    state = jax.tree_util.tree_map_with_path(
+        value, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return base_cfg, nnx.merge(graphdef, state)
+
+
+# GPT-2 (transformers' Conv1D layers, [in, out]): our projection -> its module. Q, K and V share
+# the fused `c_attn`, whose output columns are Q, K, V side by side.
+GPT2_MODULES = {"attn/wo": "attn.c_proj", "mlp/wi": "mlp.c_fc", "mlp/wo": "mlp.c_proj"}
+_QKV = ("attn/wq", "attn/wk", "attn/wv")
+
+
+def _peft_tensors(flat: dict[str, Any], cfg: ModelConfig, gpt2: bool):
+    """{module name: (lora_A [r', in], lora_B [out, r'])} in PEFT's orientation.
+
+    On GPT-2, the adapters of Q, K and V (each [d, r] and [r, N, H]) become one adapter of
+    `c_attn` of rank r * (number of adapted projections): A stacks their A matrices, B places
+    each B in its projection's block of c_attn's output, zeros elsewhere. The product B A is
+    exactly the sum of the separate updates, so the PEFT model computes the same function.
+    """
+
+    def host(name):
+        return np.asarray(partitioning.to_host(flat[name].get_value()), np.float32)
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    fused: dict[str, list] = {}
+    for name in sorted(flat):
+        m = re.fullmatch(r"blocks/(\d+)/((?:attn|mlp)/w[a-z]+)_lora_a", name)
+        if not m:
+            continue
+        layer, proj = m.groups()
+        a, b = host(name), host(name[: -len("a")] + "b")
+        r = a.shape[-1]
+        a_t, b_t = a.reshape(-1, r).T, b.reshape(r, -1).T  # [r, in], [out, r]
+        if gpt2 and proj in _QKV:
+            fused.setdefault(f"transformer.h.{layer}.attn.c_attn", []).append((proj, a_t, b_t))
+        elif gpt2:
+            out[f"transformer.h.{layer}.{GPT2_MODULES[proj]}"] = (a_t, b_t)
+        else:
+            out[f"model.layers.{layer}.{lora.HF_MODULES[proj]}"] = (a_t, b_t)
+    d = cfg.d_model
+    for module, parts in fused.items():
+        a = np.concatenate([a_t for _, a_t, _ in parts], axis=0)
+        b = np.zeros((3 * d, a.shape[0]), np.float32)
+        for i, (proj, _, b_t) in enumerate(parts):
+            j, r = _QKV.index(proj), b_t.shape[1]
+            b[j * d : (j + 1) * d, i * r : (i + 1) * r] = b_t
+        out[module] = (a, b)
+    return out
+
+
+def save_peft(
+    model, cfg: ModelConfig, path: str | os.PathLike, *, base_model: str | None = None
+) -> Path:
+    """Writes the adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    Tensor names follow PEFT's saved LoRA models
+    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and `lora_B`
+    [out, r]); `target_modules` lists the adapted modules' full names, so adapters on some
+    layers only are described exactly. GPT-2 adapters go on its Conv1D modules
+    (`fan_in_fan_out`), Q, K and V together on `c_attn` with a larger rank (`_peft_tensors`),
+    recorded in `rank_pattern` and `alpha_pattern` so that PEFT's scale alpha / r stays ours.
+
+    In a multi-process job every process must call it (the adapters are gathered); process 0
+    writes.
+
+    Args:
+      model: a `Transformer` with adapters.
+      cfg: its config.
+      path: the output directory (replaced atomically).
+      base_model: `base_model_name_or_path` to record (the HF directory of the base).
+    """
+    gpt2 = hf_model_type(dataclasses.replace(cfg, lora_rank=0)) == "gpt2"
+    adapters = _peft_tensors(by_path(nnx.state(model, nnx.Param)), cfg, gpt2)
+    if not adapters:
+        raise HFError("the model has no LoRA adapters to export")
+    dtype = np.dtype(cfg.pdtype)
+    tensors: dict[str, np.ndarray] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for module, (a, b) in sorted(adapters.items()):
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.astype(dtype))
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.astype(dtype))
+        if a.shape[0] != cfg.lora_rank:  # a fused GPT-2 c_attn adapter
+            rank_pattern[re.escape(module)] = a.shape[0]
+            alpha_pattern[re.escape(module)] = cfg.lora_scale * a.shape[0]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(adapters), "bias": "none", "fan_in_fan_out": gpt2,
+        "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "base_model_name_or_path": base_model,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+    }  # fmt: skip
+    out = Path(path).expanduser()
+    if jax.process_index() != 0:  # every process gathered the adapters above; process 0 writes
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        specs = [(k, v.shape, v.dtype) for k, v in tensors.items()]
+        write_streaming(tmp / "adapter_model.safetensors", specs, tensors.get, {"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

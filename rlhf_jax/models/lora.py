@@ -18,23 +18,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import json
 import math
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from rlhf_jax.errors import SettingsError
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.param_paths import by_path, param_path
 
 # Parameter paths of adapter matrices (for `make_optimizer.trainable`).
 ADAPTER_PATTERN = r"_lora_[ab]$"
@@ -166,18 +161,9 @@ def is_adapter(path: str) -> bool:
     return re.search(ADAPTER_PATTERN, path) is not None
 
 
-def _flat(state: Any) -> dict[str, Any]:
-    from rlhf_jax.train.optim import param_path
-
-    leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-    return {param_path(p): v for p, v in leaves}
-
-
 def has_adapters(params: Any) -> bool:
     """Whether a parameter state holds adapter matrices."""
-    return any(is_adapter(p) for p in _flat(params))
+    return any(is_adapter(p) for p in by_path(params))
 
 
 def adapters_only(params: Any) -> Any:
@@ -188,7 +174,6 @@ def adapters_only(params: Any) -> Any:
 def without_adapters(params: Any) -> Any:
     """The same parameters with every B set to zero: exactly the base model's function, and
     the base weights are the same arrays (no copy). The DPO/PPO reference of a LoRA policy."""
-    from rlhf_jax.train.optim import param_path
 
     def off(path, v):
         if isinstance(v, nnx.Variable) and param_path(path).endswith("_lora_b"):
@@ -198,148 +183,6 @@ def without_adapters(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         off, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-
-
-def merged(model, cfg: ModelConfig):
-    """`(config, model)` without adapters whose weights are W + scale * A . B (fp32 sum, cast
-    back to the parameter dtype): the same function as the adapted model."""
-    from rlhf_jax.models.heads import ScalarModel
-    from rlhf_jax.models.transformer import Transformer
-
-    base_cfg = dataclasses.replace(cfg, lora_rank=0)
-    flat = {k: v.get_value() for k, v in _flat(nnx.state(model, nnx.Param)).items()}
-    if isinstance(model, ScalarModel):
-        cls, kwargs = ScalarModel, {"num_heads": model.num_heads}
-    else:
-        cls, kwargs = Transformer, {}
-    abstract = nnx.eval_shape(lambda: cls(base_cfg, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, state = nnx.split(abstract)
-
-    def value(path, var):
-        from rlhf_jax.train.optim import param_path
-
-        name = param_path(path)
-        w = flat[name]
-        if f"{name}_lora_a" in flat:
-            a, b = flat[f"{name}_lora_a"], flat[f"{name}_lora_b"]
-            delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
-            w = (w.astype(jnp.float32) + cfg.lora_scale * delta).astype(w.dtype)
-        return var.replace(w)
-
-    state = jax.tree_util.tree_map_with_path(
-        value, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    return base_cfg, nnx.merge(graphdef, state)
-
-
-# GPT-2 (transformers' Conv1D layers, [in, out]): our projection -> its module. Q, K and V share
-# the fused `c_attn`, whose output columns are Q, K, V side by side.
-GPT2_MODULES = {"attn/wo": "attn.c_proj", "mlp/wi": "mlp.c_fc", "mlp/wo": "mlp.c_proj"}
-_QKV = ("attn/wq", "attn/wk", "attn/wv")
-
-
-def _peft_tensors(flat: dict[str, Any], cfg: ModelConfig, gpt2: bool):
-    """{module name: (lora_A [r', in], lora_B [out, r'])} in PEFT's orientation.
-
-    On GPT-2, the adapters of Q, K and V (each [d, r] and [r, N, H]) become one adapter of
-    `c_attn` of rank r * (number of adapted projections): A stacks their A matrices, B places
-    each B in its projection's block of c_attn's output, zeros elsewhere. The product B A is
-    exactly the sum of the separate updates, so the PEFT model computes the same function.
-    """
-    from rlhf_jax import partitioning
-
-    def host(name):
-        return np.asarray(partitioning.to_host(flat[name].get_value()), np.float32)
-
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    fused: dict[str, list] = {}
-    for name in sorted(flat):
-        m = re.fullmatch(r"blocks/(\d+)/((?:attn|mlp)/w[a-z]+)_lora_a", name)
-        if not m:
-            continue
-        layer, proj = m.groups()
-        a, b = host(name), host(name[: -len("a")] + "b")
-        r = a.shape[-1]
-        a_t, b_t = a.reshape(-1, r).T, b.reshape(r, -1).T  # [r, in], [out, r]
-        if gpt2 and proj in _QKV:
-            fused.setdefault(f"transformer.h.{layer}.attn.c_attn", []).append((proj, a_t, b_t))
-        elif gpt2:
-            out[f"transformer.h.{layer}.{GPT2_MODULES[proj]}"] = (a_t, b_t)
-        else:
-            out[f"model.layers.{layer}.{HF_MODULES[proj]}"] = (a_t, b_t)
-    d = cfg.d_model
-    for module, parts in fused.items():
-        a = np.concatenate([a_t for _, a_t, _ in parts], axis=0)
-        b = np.zeros((3 * d, a.shape[0]), np.float32)
-        for i, (proj, _, b_t) in enumerate(parts):
-            j, r = _QKV.index(proj), b_t.shape[1]
-            b[j * d : (j + 1) * d, i * r : (i + 1) * r] = b_t
-        out[module] = (a, b)
-    return out
-
-
-def save_peft(
-    model, cfg: ModelConfig, path: str | os.PathLike, *, base_model: str | None = None
-) -> Path:
-    """Writes the adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
-
-    Tensor names follow PEFT's saved LoRA models
-    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and `lora_B`
-    [out, r]); `target_modules` lists the adapted modules' full names, so adapters on some
-    layers only are described exactly. GPT-2 adapters go on its Conv1D modules
-    (`fan_in_fan_out`), Q, K and V together on `c_attn` with a larger rank (`_peft_tensors`),
-    recorded in `rank_pattern` and `alpha_pattern` so that PEFT's scale alpha / r stays ours.
-
-    In a multi-process job every process must call it (the adapters are gathered); process 0
-    writes.
-
-    Args:
-      model: a `Transformer` with adapters.
-      cfg: its config.
-      path: the output directory (replaced atomically).
-      base_model: `base_model_name_or_path` to record (the HF directory of the base).
-    """
-    from rlhf_jax.models import hf
-    from rlhf_jax.models.safetensors_io import write_streaming
-
-    gpt2 = hf.hf_model_type(dataclasses.replace(cfg, lora_rank=0)) == "gpt2"
-    adapters = _peft_tensors(_flat(nnx.state(model, nnx.Param)), cfg, gpt2)
-    if not adapters:
-        raise hf.HFError("the model has no LoRA adapters to export")
-    dtype = np.dtype(cfg.pdtype)
-    tensors: dict[str, np.ndarray] = {}
-    rank_pattern, alpha_pattern = {}, {}
-    for module, (a, b) in sorted(adapters.items()):
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.astype(dtype))
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.astype(dtype))
-        if a.shape[0] != cfg.lora_rank:  # a fused GPT-2 c_attn adapter
-            rank_pattern[re.escape(module)] = a.shape[0]
-            alpha_pattern[re.escape(module)] = cfg.lora_scale * a.shape[0]
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted(adapters), "bias": "none", "fan_in_fan_out": gpt2,
-        "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "base_model_name_or_path": base_model,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-    }  # fmt: skip
-    out = Path(path).expanduser()
-    if jax.process_index() != 0:  # every process gathered the adapters above; process 0 writes
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        specs = [(k, v.shape, v.dtype) for k, v in tensors.items()]
-        write_streaming(tmp / "adapter_model.safetensors", specs, tensors.get, {"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def with_fresh_adapters(

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from rlhf_jax.gin_utils import GinConfigError
+from rlhf_jax.errors import GinConfigError
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

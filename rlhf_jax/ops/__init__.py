@@ -3,6 +3,7 @@
 from rlhf_jax.ops.kl import KL_KINDS, kl_penalty, sequence_kl
 from rlhf_jax.ops.logprobs import (
     chunked_token_logprobs,
+    completion_logprobs,
     entropy_from_logits,
     masked_mean,
     masked_sum,
@@ -15,6 +16,7 @@ from rlhf_jax.ops.logprobs import (
 __all__ = [
     "KL_KINDS",
     "chunked_token_logprobs",
+    "completion_logprobs",
     "entropy_from_logits",
     "kl_penalty",
     "masked_mean",

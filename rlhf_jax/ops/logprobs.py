@@ -2,9 +2,10 @@
 
 This module owns the small array ops every algorithm shares: masked sum / mean / variance /
 whitening, gathering the log-probability of target tokens from logits (always in fp32), summing
-them per sequence, and a chunked variant that never materialises full-vocabulary fp32 logits
-for the whole batch at once. Everything here is a pure `jnp` function that is safe under `jit`,
-`vmap` and `grad`.
+them per sequence, a chunked variant that never materialises full-vocabulary fp32 logits
+for the whole batch at once, and the teacher-forced log-probs of sampled completions
+(`completion_logprobs`, the ones to use for policy ratios and KL). Everything here is a pure
+`jnp` function that is safe under `jit`, `vmap` and `grad`.
 """
 
 from __future__ import annotations
@@ -212,3 +213,42 @@ def chunked_token_logprobs(
         return logps_BT
     entropy_BT = entropy_NBC.swapaxes(0, 1).reshape(B, num_chunks * chunk_size)[:, :T]
     return logps_BT, entropy_BT
+
+
+def completion_logprobs(
+    hidden_BTD: Array,
+    unembed_fn: Callable[[Array], Array],
+    completion_BN: Array,
+    completion_mask_BN: Array,
+    chunk_size: int = 128,
+) -> Array:
+    """Teacher-forced per-token log-probs of completions that follow a (left-padded) prompt.
+
+    `hidden_BTD` are a model's final hidden states from one forward over prompt + completion
+    (T = P + N, laid out as `generate.sequence_batch` does): the state at column P − 1 + j
+    predicts completion token j, so only those N columns are unembedded, `chunk_size`
+    positions at a time (`chunked_token_logprobs`). The stop token that ended a completion
+    counts (it was sampled too); positions outside `completion_mask_BN` are zero.
+
+    These are the log-probs to use for policy ratios and KL (PPO's π/π_old, GRPO, RLOO, the
+    KL to a reference): computed the same way for every model and every time, a policy
+    compared with itself gives exactly zero. The decode loop's own log-probs
+    (`SampleOutput.model_logprobs`) come from its cached incremental forward and differ from
+    these in the last bits (eval/policy.py explains), so never mix the two in one ratio.
+
+    Args:
+      hidden_BTD: final hidden states over prompt + completion, [B, P + N, D].
+      unembed_fn: `[B, C, D]` hidden states -> `[B, C, V]` logits.
+      completion_BN: the completion tokens, [B, N].
+      completion_mask_BN: 1 on completion tokens (through the stop token), 0 after.
+      chunk_size: positions unembedded at a time.
+
+    Returns:
+      float32 [B, N] log-probs, zero where `completion_mask_BN` is 0 (sum over the last axis
+      for a sequence log-prob).
+    """
+    n_new = completion_BN.shape[1]
+    prompt_len = hidden_BTD.shape[1] - n_new
+    hidden_BND = hidden_BTD[:, prompt_len - 1 : prompt_len - 1 + n_new]
+    logps_BN = chunked_token_logprobs(hidden_BND, unembed_fn, completion_BN, chunk_size)
+    return logps_BN * completion_mask_BN

@@ -113,14 +113,14 @@ def validate(sweep: Sweep) -> None:
     """
     import gin
 
-    from rlhf_jax import gin_utils
+    from rlhf_jax import commands, gin_utils
 
     shared = binding_lines(sweep.bindings)
     run_dir = "RUN_DIR = '/sweep/point'"
     try:
         gin.clear_config()
         try:
-            gin_utils.parse(sweep.gin_files, [])
+            commands.parse_gin(sweep.gin_files, [])
         except gin_utils.GinConfigError as e:
             # Macros left REQUIRED are checked per point below (a point may set them); that
             # check runs last in `parse`, so the files themselves did parse.
@@ -145,7 +145,7 @@ def validate(sweep: Sweep) -> None:
         for p in sweep.points:
             gin.clear_config()
             try:
-                gin_utils.parse(sweep.gin_files, [*shared, *binding_lines(p), run_dir])
+                commands.parse_gin(sweep.gin_files, [*shared, *binding_lines(p), run_dir])
             except gin_utils.GinConfigError as e:
                 raise SweepError(f"point {point_name(p)}: {e}") from None
     finally:

@@ -17,8 +17,7 @@ from typing import Any
 
 from rlhf_jax.sweep.spec import SweepError
 
-# `rlhf-jax train` through the package, not `python -m rlhf_jax.cli` (which would register the
-# gin configurable `train` twice).
+# `rlhf-jax train`, the same as the console script (`python -m rlhf_jax.cli` works as well).
 TRAIN_PROGRAM = "import sys; from rlhf_jax.cli import main; sys.exit(main())"
 
 

@@ -145,7 +145,8 @@ def evaluate_gold(
     Returns:
       The gold_eval.json files written.
     """
-    from rlhf_jax.commands import evaluate_policies, read_prompts
+    from rlhf_jax.commands import evaluate_policies
+    from rlhf_jax.data.prompts import read_prompts
 
     todo = [r for r in collect_runs(sweep_dir)
             if r.status == "done" and not (r.run_dir / GOLD_EVAL).exists()]  # fmt: skip

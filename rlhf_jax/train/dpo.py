@@ -26,13 +26,13 @@ from rlhf_jax import partitioning, paths, settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.models import ModelConfig, lora, model_config
-from rlhf_jax.steps.dpo import DPOConfig, DPOHParams, dpo_eval_step, dpo_step, summarize_eval
-from rlhf_jax.train import ref_cache, stages
-from rlhf_jax.train.checkpoint import (
+from rlhf_jax.rundir import (
     load_params,
     read_model_info,
     resolve_run_dir,
 )
+from rlhf_jax.steps.dpo import DPOConfig, DPOHParams, dpo_eval_step, dpo_step, summarize_eval
+from rlhf_jax.train import ref_cache, stages
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
 

@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import ScalarModel, hf, lora
-from rlhf_jax.train.checkpoint import (
+from rlhf_jax.models import ScalarModel, hf
+from rlhf_jax.rundir import (
     CHECKPOINT_DIR,
     ITEMS,
     MODEL_INFO,
@@ -161,7 +161,7 @@ def export_run(
         source = Path(base) / "source.json" if base else None
         if source is not None and source.is_file():
             base = json.loads(source.read_text())["hf_path"]
-        return lora.save_peft(model, loaded.config, out, base_model=base)
+        return hf.save_peft(model, loaded.config, out, base_model=base)
     out = hf.save_pretrained(model, loaded.config, out_dir, tokenizer=tok, overwrite=overwrite)
     log.info("exported the %s of %s (step %d) to %s", kind, loaded.run_dir, loaded.step, out)
     return out
@@ -178,8 +178,8 @@ def export_command(
     """`rlhf-jax export RUN_DIR OUT_DIR`: `export_run` with bad paths and files reported as
     user errors (exit code 2, one message)."""
     from rlhf_jax.data.errors import TokenizerError
-    from rlhf_jax.gin_utils import GinConfigError
-    from rlhf_jax.train.checkpoint import CheckpointRestoreError
+    from rlhf_jax.errors import GinConfigError
+    from rlhf_jax.rundir import CheckpointRestoreError
 
     try:
         return export_run(run_dir, out_dir, step=step, overwrite=overwrite, peft=peft)

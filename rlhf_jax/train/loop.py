@@ -33,11 +33,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlhf_jax import atomic, gin_utils, partitioning, settings
+from rlhf_jax import atomic, partitioning, rundir, settings
 from rlhf_jax.errors import SettingsError
+from rlhf_jax.rundir import CHECKPOINT_DIR
 from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
-from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, replicated
+from rlhf_jax.train.checkpoint import Checkpointer, replicated
 from rlhf_jax.train.metrics import MetricsWriter, Throughput, to_python, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ class _Run:
         if jax.process_index() == 0:
             # Written once the run is known to train (after the restore and the check for a
             # finished run): a refused or finished rerun leaves the stored config alone.
-            gin_utils.write_config(self.run_dir)
+            rundir.write_config(self.run_dir)
         bar = tqdm(
             total=cfg.train_steps,
             initial=self.step,
@@ -458,7 +459,7 @@ class _Run:
             **self.spec.summary_extra,
         }
         if jax.process_index() == 0:
-            gin_utils.write_config(self.run_dir, operative=True)
+            rundir.write_config(self.run_dir, operative=True)
             write_json_atomic(self.run_dir / "summary.json", summary)
         return LoopResult("done", self.step, self.state, summary, self.step_traces)
 

@@ -27,6 +27,7 @@ import jax
 import optax
 
 from rlhf_jax.errors import SettingsError
+from rlhf_jax.models.param_paths import param_path
 
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -46,19 +47,6 @@ class Optimizer:
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-
-
-def param_path(path: Sequence[Any]) -> str:
-    """`blocks/0/attn/wq` for a pytree key path into an `nnx.State` (the `.value` leaf dropped)."""
-    names = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
-        if name is None:
-            name = str(k)
-        names.append(str(name))
-    if names and names[-1] == "value":
-        names.pop()
-    return "/".join(names)
 
 
 def path_mask(params: Any, predicate: Callable[[str, jax.Array], bool]) -> Any:

@@ -47,8 +47,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rlhf_jax import atomic, partitioning
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
+from rlhf_jax.rundir import CHECKPOINT_DIR, MODEL_INFO, resolve_run_dir
 from rlhf_jax.steps.dpo import REF_FIELDS, pair_sequence_logps
-from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_INFO, resolve_run_dir
 
 log = logging.getLogger(__name__)
 

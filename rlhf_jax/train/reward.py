@@ -43,6 +43,11 @@ from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.models import ModelConfig, ScalarModel, lora, model_config
 from rlhf_jax.reward_scoring import RewardNormalization
+from rlhf_jax.rundir import (
+    load_params,
+    read_model_info,
+    resolve_run_dir,
+)
 from rlhf_jax.steps.reward import (
     GOLD_FIELDS,
     LABEL_PROB_FIELD,
@@ -54,11 +59,6 @@ from rlhf_jax.steps.reward import (
 )
 from rlhf_jax.steps.state import StateFactory, TrainState
 from rlhf_jax.train import stages
-from rlhf_jax.train.checkpoint import (
-    load_params,
-    read_model_info,
-    resolve_run_dir,
-)
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
 from rlhf_jax.train.metrics import write_json_atomic

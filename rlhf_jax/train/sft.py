@@ -24,9 +24,9 @@ import numpy as np
 
 from rlhf_jax import partitioning
 from rlhf_jax.models import lora, model_config
+from rlhf_jax.rundir import read_model_info, resolve_run_dir
 from rlhf_jax.steps.sft import SFTConfig, SFTHParams, sft_eval_step, sft_step, summarize_eval
 from rlhf_jax.train import stages
-from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir
 from rlhf_jax.train.faults import RunLock
 from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, train_loop
 from rlhf_jax.train.synthetic import SyntheticSFTIterator, synthetic_eval_batches

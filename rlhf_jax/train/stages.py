@@ -27,8 +27,7 @@ from jax.sharding import Mesh
 from rlhf_jax import settings
 from rlhf_jax.errors import SettingsError
 from rlhf_jax.models import ModelConfig, lora
-from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
-from rlhf_jax.train.checkpoint import (
+from rlhf_jax.rundir import (
     MODEL_CLASSES,
     check_model_class,
     check_run_identity,
@@ -36,6 +35,7 @@ from rlhf_jax.train.checkpoint import (
     model_record,
     write_model_info,
 )
+from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
 from rlhf_jax.train.optim import Optimizer, make_optimizer
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 from command_helpers import REPO, run_cli
 
-from rlhf_jax.commands import evaluate_policies, read_prompts, samples_path
+from rlhf_jax.commands import evaluate_policies
 from rlhf_jax.data import DataError, make_preference_iterator
+from rlhf_jax.data.prompts import read_prompts
+from rlhf_jax.data.tasks import TASKS
 from rlhf_jax.eval import policy as policy_eval
+from rlhf_jax.rundir import samples_path
 
 # One sampler shape for every test (8 rows, prompt bucket 8, 8 new tokens): after the first
 # compile, the persistent cache serves every later sampler of the session.
@@ -149,6 +152,47 @@ def test_make_preferences_parquet_loads_through_the_pipeline(sft_run, reviews_ta
     batch = next(it)
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
     assert batch["chosen_loss_mask"].sum() > 0 and batch["rejected_loss_mask"].sum() > 0
+
+
+class _ToyTask:
+    """A task whose one judge counts characters: the commands must score with it."""
+
+    JUDGE_NAMES = ("chars",)
+
+    @staticmethod
+    def judge(texts):
+        return {"chars": np.asarray([len(t) for t in texts], dtype=np.float32)}
+
+    @staticmethod
+    def gold_reward(scores, kind="sentiment", weights=None):
+        return np.asarray(scores["chars"], dtype=np.float32)
+
+
+def test_judges_come_from_the_task(sft_run, reviews_task, tmp_path, monkeypatch):
+    monkeypatch.setitem(TASKS, "toy", _ToyTask)
+    gen, prefs = tmp_path / "gen.jsonl", tmp_path / "prefs"
+    common = [f"--gin.CHECKPOINT='{sft_run}'", f"--gin.PROMPTS='{reviews_task.prompts_path}'"]
+    code = run_cli(
+        "generate",
+        *common,
+        f"--gin.OUTPUT='{gen}'",
+        *_cmd_bindings("generate_command", "limit=4", "judge='toy'"),
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in gen.read_text().splitlines()]
+    assert all(r["chars"] == len(r["text"]) and "sentiment" not in r for r in rows)
+    code = run_cli(
+        "make-preferences",
+        *common,
+        f"--gin.PREFERENCES='{prefs}'",
+        "--gin.LABEL_TEMPERATURE=0.0",
+        *_cmd_bindings("make_preferences_command", "limit=8", "eval_fraction=0.0", "task='toy'"),
+    )
+    assert code == 0
+    train = pd.read_parquet(prefs / "train.parquet")
+    assert (train["chosen_chars"] == train["chosen_score"]).all()
+    assert (train["chosen_score"] >= train["rejected_score"]).all()  # T = 0: the toy gold wins
+    assert "chosen_sentiment" not in train.columns
 
 
 @pytest.fixture(scope="module")

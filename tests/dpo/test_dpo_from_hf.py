@@ -12,7 +12,7 @@ import transformers  # noqa: F401  (test extra: a missing install fails, never s
 from flax import nnx
 
 from rlhf_jax import cli
-from rlhf_jax.train.checkpoint import load_params, read_model_info
+from rlhf_jax.rundir import load_params, read_model_info
 
 
 def _params(path):

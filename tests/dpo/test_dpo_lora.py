@@ -13,11 +13,12 @@ from flax import nnx
 
 from rlhf_jax import cli
 from rlhf_jax.models import lora
-from rlhf_jax.train.checkpoint import load_params
+from rlhf_jax.models.param_paths import by_path
+from rlhf_jax.rundir import load_params
 
 
 def _flat(params):
-    return {k: np.asarray(v.get_value()) for k, v in lora._flat(params).items()}
+    return {k: np.asarray(v.get_value()) for k, v in by_path(params).items()}
 
 
 @pytest.fixture(scope="module")

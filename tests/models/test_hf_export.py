@@ -16,6 +16,7 @@ from flax import nnx
 
 from rlhf_jax import partitioning  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, hf, model_config  # noqa: E402
+from rlhf_jax.models.param_paths import by_path
 from rlhf_jax.models.safetensors_io import SafetensorsFile  # noqa: E402
 from tests.models.hf_helpers import (  # noqa: E402
     FAMILIES,
@@ -31,7 +32,7 @@ def mesh():
 
 
 def _params(model) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v.get_value()) for k, v in hf._flat(nnx.state(model, nnx.Param)).items()}
+    return {k: np.asarray(v.get_value()) for k, v in by_path(nnx.state(model, nnx.Param)).items()}
 
 
 def _tensors(path) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.models import Transformer, hf, lora, model_config
+from rlhf_jax.models.param_paths import by_path
 from rlhf_jax.models.safetensors_io import SafetensorsFile
 
 TARGETS = ("attn/w[qkvo]$", "blocks/1/mlp/w[ig]$")
@@ -25,7 +26,7 @@ def _adapted(seed=0, preset="llama-tiny", targets=TARGETS):
                        lora_targets=targets)  # fmt: skip
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed + 1)
-    for path, var in lora._flat(nnx.state(model, nnx.Param)).items():
+    for path, var in by_path(nnx.state(model, nnx.Param)).items():
         if path.endswith("_lora_b"):
             key, sub = jax.random.split(key)
             var.set_value(0.05 * jax.random.normal(sub, var.get_value().shape))
@@ -44,7 +45,7 @@ def _logits(model, params=None):
 
 def test_adapters_where_targeted_only():
     cfg, model = _adapted()
-    paths = {p for p in lora._flat(nnx.state(model, nnx.Param)) if lora.is_adapter(p)}
+    paths = {p for p in by_path(nnx.state(model, nnx.Param)) if lora.is_adapter(p)}
     want = {f"blocks/{i}/attn/w{n}_lora_{m}" for i in (0, 1) for n in "qkvo" for m in "ab"}
     want |= {f"blocks/1/mlp/w{n}_lora_{m}" for n in "ig" for m in "ab"}
     assert paths == want
@@ -73,7 +74,7 @@ def test_merged_export_gives_adapted_logits(tmp_path):
     import transformers
 
     cfg, model = _adapted()
-    mcfg, merged = lora.merged(model, cfg)
+    mcfg, merged = hf.merge_lora(model, cfg)
     assert mcfg.lora_rank == 0 and not lora.has_adapters(nnx.state(merged, nnx.Param))
     np.testing.assert_allclose(_logits(merged), _logits(model), atol=1e-5, rtol=0)
     hf.save_pretrained(model, cfg, tmp_path)  # merges by itself
@@ -91,7 +92,7 @@ def test_peft_export_layout_and_logits(tmp_path):
     base = Transformer(base_cfg, rngs=nnx.Rngs(0))
     nnx.update(base, nnx.split_state(nnx.state(model, nnx.Param), lora.LoRAParam, ...)[1])
     hf.save_pretrained(base, base_cfg, tmp_path / "base")
-    out = lora.save_peft(model, cfg, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    out = hf.save_peft(model, cfg, tmp_path / "adapter", base_model=str(tmp_path / "base"))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
     assert "model.layers.1.mlp.gate_proj" in config["target_modules"]

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.models import PRESETS, ScalarModel, Transformer, model_config
-from rlhf_jax.train.optim import param_path
+from rlhf_jax.models.param_paths import param_path
 
 SMALL = ["tiny", "llama-tiny"]
 

@@ -7,6 +7,7 @@ import pytest
 
 from rlhf_jax.ops import (
     chunked_token_logprobs,
+    completion_logprobs,
     entropy_from_logits,
     masked_mean,
     masked_sum,
@@ -131,3 +132,24 @@ def test_chunked_matches_unchunked(rng, T, chunk):
 def test_chunked_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_logprobs(jnp.zeros((1, 2, 3)), lambda h: h, jnp.zeros((1, 2), int), 0)
+
+
+def test_completion_logprobs_read_the_columns_before_each_completion_token():
+    """Column P - 1 + j predicts completion token j; padding after the stop token is zero."""
+    rng = np.random.default_rng(3)
+    B, P, N, D, V = 3, 4, 5, 6, 11
+    hidden = jnp.asarray(rng.normal(size=(B, P + N, D)), jnp.float32)
+    W = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    completion = jnp.asarray(rng.integers(0, V, size=(B, N)))
+    mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], jnp.int32)
+    logps = completion_logprobs(hidden, lambda h: h @ W, completion, mask, chunk_size=2)
+    logits = np.asarray(hidden @ W, np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = np.zeros((B, N))
+    for b in range(B):
+        for j in range(N):
+            if mask[b, j]:
+                expected[b, j] = log_softmax[b, P - 1 + j, int(completion[b, j])]
+    assert logps.shape == (B, N) and logps.dtype == jnp.float32
+    np.testing.assert_allclose(logps, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(logps)[np.asarray(mask) == 0] == 0)

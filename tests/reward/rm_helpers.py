@@ -13,9 +13,10 @@ from flax import nnx
 
 from rlhf_jax import partitioning
 from rlhf_jax.models import model_config
+from rlhf_jax.rundir import write_model_info
 from rlhf_jax.steps.sft import SFTHParams
 from rlhf_jax.train import stages
-from rlhf_jax.train.checkpoint import Checkpointer, write_model_info
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.optim import make_optimizer
 
 VOCAB, SEQ = 64, 16

@@ -16,7 +16,8 @@ from rm_helpers import RM_HEADS, RM_NAN_STEP, RM_STEPS, rm_cli_args, tiny_config
 
 from rlhf_jax import cli
 from rlhf_jax import partitioning as P
-from rlhf_jax.train.checkpoint import Checkpointer, load_params, read_model_info
+from rlhf_jax.rundir import load_params, read_model_info
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import read_metrics
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.reward import (
@@ -65,7 +66,7 @@ def test_init_from_sft_maps_trunk_params_exactly(rm_sft_run):
 
 
 def test_policy_to_reward_params_drops_lm_head_and_checks_shapes():
-    from rlhf_jax.train.checkpoint import abstract_model
+    from rlhf_jax.rundir import abstract_model
 
     cfg = tiny_config(tie_embeddings=False)
     rng = np.random.default_rng(0)

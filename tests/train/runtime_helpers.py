@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gin
 
-from rlhf_jax import gin_utils
+from rlhf_jax import commands
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,17 +39,15 @@ LoopConfig.progress_bar = False
 
 def bind_tiny_sft(run_dir, steps: int, extra: str = "") -> None:
     """Parses the tiny SFT config in this process (gin is cleared by the root conftest)."""
-    gin_utils.import_configurables()
+    commands.import_configurables()
     gin.add_config_file_search_path(str(REPO))
     gin.parse_config(TINY_SFT_GIN + f"\nRUN_DIR = '{run_dir}'\nTRAIN_STEPS = {steps}\n" + extra)
 
 
 def run_tiny_sft(run_dir, steps: int, extra: str = ""):
     """One in-process run of the tiny SFT config through `train.stage`."""
-    from rlhf_jax import cli
-
     bind_tiny_sft(run_dir, steps, extra)
-    return cli.train_entry()
+    return commands.train_command()
 
 
 def cli_env() -> dict:

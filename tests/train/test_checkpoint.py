@@ -12,16 +12,15 @@ from flax import nnx
 
 from rlhf_jax import partitioning as P
 from rlhf_jax.models import model_config
-from rlhf_jax.steps.sft import SFTHParams
-from rlhf_jax.train.checkpoint import (
-    BAD_CHECKPOINT_DIR,
-    Checkpointer,
+from rlhf_jax.rundir import (
     CheckpointRestoreError,
     NotARunDirError,
     load_params,
     read_model_info,
     write_model_info,
 )
+from rlhf_jax.steps.sft import SFTHParams
+from rlhf_jax.train.checkpoint import BAD_CHECKPOINT_DIR, Checkpointer
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.stages import model_state_factory
 

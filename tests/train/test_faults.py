@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from runtime_helpers import REPO, cli_env, run_cli
 
+from rlhf_jax.rundir import load_params
 from rlhf_jax.train import faults
-from rlhf_jax.train.checkpoint import Checkpointer, load_params
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import read_metrics
 
 STEPS = 12

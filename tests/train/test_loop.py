@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from runtime_helpers import bind_tiny_sft, run_tiny_sft
 
+from rlhf_jax.rundir import load_params
 from rlhf_jax.steps.state import TrainState
 from rlhf_jax.train import faults
-from rlhf_jax.train.checkpoint import Checkpointer, load_params
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import read_metrics
 from rlhf_jax.train.sft import SFTData, sft_stage, synthetic_sft_data
 from rlhf_jax.train.synthetic import synthetic_sft_batch

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rlhf_jax import gin_utils
+from rlhf_jax import commands
 from rlhf_jax.models import Transformer, model_config
 from rlhf_jax.train.optim import make_optimizer, make_schedule, param_path
 
@@ -111,6 +111,6 @@ def test_names_and_gin():
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer(name="rmsprop")
     assert isinstance(make_optimizer(name="sgd", momentum=0.9).tx, optax.GradientTransformation)
-    gin_utils.import_configurables()
+    commands.import_configurables()
     gin.parse_config("make_optimizer.learning_rate = 0.5\nmake_optimizer.schedule = 'constant'")
     assert float(make_optimizer().schedule(3)) == 0.5

@@ -27,15 +27,19 @@ import os
 import shutil
 import string
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import gin
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlhf_jax import atomic
 from rlhf_jax import settings as check
+from rlhf_jax.data.tasks import judges
 from rlhf_jax.data.tasks import vocab as V
 from rlhf_jax.data.tokenizer import Tokenizer
 
@@ -231,14 +235,37 @@ def _prompts(reviews: list[str], gen_seed: int, n: int, taken: set[str]) -> list
 
 @dataclasses.dataclass(frozen=True)
 class ReviewsTask:
-    """Paths of a built reviews task (what `build_reviews_task` returns).
+    """Paths of a built reviews task (what `build_reviews_task` returns), and its judges.
 
     `sft_source`, `prompt_source` and `tokenizer_path` are what `make_sft_iterator` and
-    `make_prompt_iterator` read when given `task=`.
+    `make_prompt_iterator` read when given `task=`. The judges (`judge`, `gold_reward`) need
+    no built task: commands reach them through the class (`TASKS["reviews"].judge`).
     """
 
     out_dir: str
     settings: dict
+
+    # The names of the scores `judge` returns.
+    JUDGE_NAMES: ClassVar[tuple[str, ...]] = tuple(judges.JUDGES)
+    GOLD_KINDS: ClassVar[tuple[str, ...]] = judges.GOLD_KINDS
+
+    @staticmethod
+    def judge(texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every judge's scores of decoded texts: `sentiment` (VADER) and `offensiveness`."""
+        return judges.score_texts(texts)
+
+    @staticmethod
+    def gold_reward(
+        scores: Mapping[str, np.ndarray],
+        kind: str = "sentiment",
+        weights: Mapping[str, float] | None = None,
+    ) -> np.ndarray:
+        """The gold reward of `kind` from `judge` scores (see `judges.gold_from_scores`).
+
+        Raises:
+          ValueError: an unknown kind or bad weights.
+        """
+        return judges.gold_from_scores(scores, kind, weights)
 
     @property
     def corpus_dir(self) -> str:

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from rlhf_jax import commands
-from rlhf_jax.data import DataError
+from rlhf_jax.data import DataError, labelling
 from rlhf_jax.data.sources import load_source
 
 
@@ -18,7 +17,7 @@ def _pairs(n, tag):
 
 def _write(out, train, ev, tag):
     splits = {"train": _pairs(train, tag), "eval": _pairs(ev, tag)}
-    commands._write_preference_files(out, splits, {"tag": tag})
+    labelling._write_preference_files(out, splits, {"tag": tag})
 
 
 def test_rewrite_replaces_the_folder_as_a_whole(tmp_path):
@@ -38,14 +37,14 @@ def test_a_failed_rewrite_leaves_the_old_folder(tmp_path, monkeypatch):
     out = tmp_path / "prefs"
     _write(out, 6, 2, "old")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = commands._write_parquet
+    real = labelling._write_parquet
 
     def dies_on_eval(path, pairs):
-        if path.name == commands.EVAL_FILE:
+        if path.name == labelling.EVAL_FILE:
             raise KeyboardInterrupt  # a kill part-way through
         real(path, pairs)
 
-    monkeypatch.setattr(commands, "_write_parquet", dies_on_eval)
+    monkeypatch.setattr(labelling, "_write_parquet", dies_on_eval)
     with pytest.raises(KeyboardInterrupt):
         _write(out, 5, 3, "new")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

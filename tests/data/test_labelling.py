@@ -4,12 +4,8 @@ noiseless limit, dropped pairs, and the prompt split."""
 import numpy as np
 import pytest
 
-from rlhf_jax.commands import (
-    CommandError,
-    label_pairs,
-    preference_probability,
-    split_prompts,
-)
+from rlhf_jax.data.labelling import label_pairs, preference_probability, split_prompts
+from rlhf_jax.errors import SettingsError
 
 
 def _rows(num_prompts: int, k: int, rng: np.random.Generator) -> tuple[list[dict], np.ndarray]:
@@ -127,5 +123,5 @@ def test_split_prompts_by_distinct_prompt():
     assert len(ev) == 10 and ev <= set(prompts)
     assert split_prompts(prompts, 0.0, np.random.default_rng(0)) == set()
     assert len(split_prompts(prompts, 0.001, np.random.default_rng(0))) == 1
-    with pytest.raises(CommandError, match="no training prompts"):
+    with pytest.raises(SettingsError, match="no training prompts"):
         split_prompts(["a"], 0.5, np.random.default_rng(0))
