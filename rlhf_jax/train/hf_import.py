@@ -143,10 +143,10 @@ def export_run(
     """
     from rlhf_jax.data.tokenizer import Tokenizer
 
-    _check_export_target(run_dir, out_dir)
     # Shard the parameters over every device (fsdp), then gather one tensor at a time.
     mesh = partitioning.make_mesh((1, -1, 1))
-    loaded = load_params(run_dir, mesh=mesh, step=step)
+    loaded = load_params(run_dir, mesh=mesh, step=step)  # a user error if not a run
+    _check_export_target(loaded.run_dir, out_dir)  # before anything is written
     model = nnx.merge(loaded.graphdef, loaded.params)
     info = read_model_info(loaded.run_dir)
     tok = Tokenizer.from_file(info["tokenizer"]) if info.get("tokenizer") else None

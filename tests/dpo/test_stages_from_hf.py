@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from rlhf_jax import cli
-from rlhf_jax.train.checkpoint import load_params, read_model_info
+from rlhf_jax.rundir import load_params, read_model_info
 
 
 def _argv(experiment, run, hf_dir, imports, *extra):

@@ -4,7 +4,7 @@ Usage: python hf_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT HF_DIR OUT_DI
 Each process has 2 fake CPU devices; the mesh is (1, 4, 1) over both processes' devices. The
 process loads HF_DIR with `load_pretrained`, recording which blocks of which tensors it read,
 then every process takes part in `save_pretrained(OUT_DIR)` and, with LoRA adapters added
-(sharded over both processes), in `lora.save_peft(OUT_DIR + "_peft")` (process 0 writes).
+(sharded over both processes), in `hf.save_peft(OUT_DIR + "_peft")` (process 0 writes).
 """
 
 import json
@@ -47,7 +47,7 @@ def main() -> None:
         P.logical_rules(),
     )  # fmt: skip
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(lcfg, rngs=nnx.Rngs(0))))
-    lora.save_peft(nnx.merge(graphdef, params), lcfg, out_dir + "_peft")
+    hf.save_peft(nnx.merge(graphdef, params), lcfg, out_dir + "_peft")
     with open(result, "w") as f:
         json.dump({"reads": reads, "process_count": jax.process_count()}, f)
 

@@ -161,7 +161,7 @@ def test_gpt2_peft_export_loads_in_peft(tmp_path):
     base = Transformer(base_cfg, rngs=nnx.Rngs(0))
     nnx.update(base, nnx.split_state(nnx.state(model, nnx.Param), lora.LoRAParam, ...)[1])
     hf.save_pretrained(base, base_cfg, tmp_path / "base")
-    out = lora.save_peft(model, cfg, tmp_path / "adapter")
+    out = hf.save_peft(model, cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
     assert sorted(config["target_modules"]) == sorted(
