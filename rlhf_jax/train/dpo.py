@@ -26,7 +26,8 @@ from rlhf_jax import partitioning, paths, settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.models import ModelConfig, lora, model_config
-from rlhf_jax.steps.dpo import DPOConfig, DPOHParams, dpo_eval_step, dpo_step, summarize_eval
+from rlhf_jax.steps.algorithm import HParams, eval_step, train_step
+from rlhf_jax.steps.dpo import DPOConfig, DPOHParams
 from rlhf_jax.train import ref_cache, stages
 from rlhf_jax.train.checkpoint import (
     load_params,
@@ -235,17 +236,22 @@ def dpo_stage(
             logits_chunk_size=logits_chunk_size,
             rpo=rpo_alpha is not None,
         )
-        hparams = DPOHParams.create(
-            num_loss_types=len(step_cfg.loss_types), lr_scale=lr_scale, beta=beta,
+        loss_hp = DPOHParams.create(
+            num_loss_types=len(step_cfg.loss_types), beta=beta,
             label_smoothing=label_smoothing, gamma=gamma, tau=tau, orpo_lambda=orpo_lambda,
             loss_weights=loss_weights, bco_delta=bco_delta, rpo_alpha=rpo_alpha or 0.0,
-            debug_nan_step=debug_nan_step,
         )  # fmt: skip
+        hparams = HParams.create(loss_hp, lr_scale=lr_scale, debug_nan_step=debug_nan_step)
         optimizer = stages.build_optimizer(loop_cfg.train_steps)
         factory, graphdef = stages.model_state_factory(
-            cfg, optimizer, mesh, rules, seed=seed, init_from=init_from,
-            with_ref=step_cfg.uses_ref_params and not cfg.lora_rank,
-        )  # fmt: skip
+            cfg, optimizer, mesh, rules, seed=seed, init_from=init_from
+        )
+        frozen = None
+        if step_cfg.uses_ref_params and not cfg.lora_rank:  # LoRA: the reference is the base
+            frozen = stages.frozen_models(
+                "ref", init_from=init_from, mesh=mesh, rules=rules,
+                fresh=lambda: (graphdef, factory.init().policy.params),
+            )  # fmt: skip
         stages.record_model(
             run_dir_path, cfg, stage="dpo_stage", tokenizer_path=tok.path,
             lora_base=init_from if cfg.lora_rank else None,
@@ -259,20 +265,21 @@ def dpo_stage(
             splits = {"train": train_it, **({"eval": eval_it} if eval_it is not None else {})}
             splits, ref_info = precompute_reference(
                 splits, cache_dir=cache_dir, lengths=lengths, init_from=init_from,
-                fresh_params=lambda: factory.init().params, graphdef=graphdef, model_cfg=cfg,
+                fresh_params=lambda: factory.init().policy.params, graphdef=graphdef, model_cfg=cfg,
                 batch_size=batch_size, mesh=mesh, rules=rules, chunk_size=logits_chunk_size,
             )  # fmt: skip
             summary_extra.update(ref_info)
             train_it, eval_it = splits["train"], splits.get("eval")
 
         spec = LoopSpec(
-            step_fn=functools.partial(dpo_step, cfg=step_cfg),
+            step_fn=functools.partial(train_step, cfg=step_cfg),
             state=factory,
             hparams=hparams,
+            frozen=frozen,
             train_data=train_it,
-            eval_fn=functools.partial(dpo_eval_step, cfg=step_cfg) if eval_it is not None else None,
+            eval_fn=functools.partial(eval_step, cfg=step_cfg) if eval_it is not None else None,
             eval_data=functools.partial(_rewound, eval_it) if eval_it is not None else None,
-            summarize_eval=summarize_eval,
+            summarize_eval=step_cfg.summarize_eval,
             count_tokens=count_pair_tokens,
             flops_per_batch=functools.partial(_flops_per_batch, cfg, step_cfg.uses_ref_params),
             summary_extra=summary_extra,

@@ -1,13 +1,17 @@
 """The generic host loop that drives any stage's pure step.
 
 A stage (SFT, reward model, DPO, ...) describes itself with a `LoopSpec`: its step function
-(static config already bound), how to create or restore its state, its traced hyperparameters,
-its data, and optionally an eval function. `train_loop(spec, cfg, ...)` then:
+(static config already bound), how to create or restore its state, its frozen models, its
+traced hyperparameters, its data, and optionally an eval function. `train_loop(spec, cfg, ...)`
+then:
 
 1. restores the newest clean checkpoint of RUN_DIR (state, hparams, rng, data position, host
-   controller state) or initialises the state directly into its shardings;
+   controller state) or initialises the state directly into its shardings, and loads the frozen
+   models (never checkpointed: they are loaded from where they came from every time);
 2. jits the step once, inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`, with
-   explicit in/out shardings and `donate_argnums=0` (a trace counter guards recompilation);
+   explicit in/out shardings and `donate_argnums=0` (the state only: frozen models are never
+   donated; a trace counter guards recompilation). The loop counts iterations; an iteration
+   may take several optimiser steps (`optimizer_steps_per_iteration`);
 3. feeds global batches (`partitioning.make_global_batch`, each process its own rows), shows a
    tqdm bar, logs to metrics.jsonl + TensorBoard, evaluates and checkpoints periodically;
 4. handles faults: SIGTERM -> checkpoint and return (exit 0); non-finite loss/gradients ->
@@ -34,7 +38,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlhf_jax import atomic, gin_utils, partitioning, settings
-from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
+from rlhf_jax.steps.state import Frozen, StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, replicated
 from rlhf_jax.train.metrics import MetricsWriter, Throughput, to_python, write_json_atomic
@@ -42,8 +46,8 @@ from rlhf_jax.train.metrics import MetricsWriter, Throughput, to_python, write_j
 log = logging.getLogger(__name__)
 
 HostBatch = dict[str, np.ndarray]
-StepFn = Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]]
-EvalFn = Callable[[Any, dict, jax.Array, Any], dict]
+StepFn = Callable[[Any, Frozen, dict, jax.Array, Any], tuple[Any, dict]]
+EvalFn = Callable[[Any, Frozen, dict, jax.Array, Any], dict]
 
 
 @gin.configurable
@@ -52,7 +56,8 @@ class LoopConfig:
     """Host-loop settings (gin: `LoopConfig.log_every = 10`, ...).
 
     Attributes:
-      train_steps: total optimiser steps of the run (a resumed run stops at the same step).
+      train_steps: total iterations of the run (a resumed run stops at the same one); one
+        optimiser step each for SFT, RM and DPO.
       log_every: steps between metric records (and host syncs).
       eval_every: steps between evals (0: only at the end).
       eval_batches: cap on eval batches per eval (None: the whole eval split).
@@ -117,13 +122,16 @@ class LoopSpec:
     """What a stage hands the loop.
 
     Attributes:
-      step_fn: `(state, batch, rng, hparams) -> (state, metrics)`, pure, static config bound.
+      step_fn: `(state, frozen, batch, rng, hparams) -> (state, metrics)`, pure, static
+        config bound; one iteration.
       state: abstract state with shardings + fresh initialiser (`steps.state.state_factory`).
+      frozen: returns the frozen models (`steps.state.Frozen`, sharded); called on every
+        start, fresh or resumed (None: no frozen models).
       hparams: traced hyperparameters (a pytree of scalars); restored from a checkpoint.
       train_data: iterator of host batches (numpy dicts, this process's rows); if it has
         `state_dict()` / `load_state_dict()` its position is checkpointed, otherwise a resumed
         run skips the batches already consumed.
-      eval_fn: `(state, batch, rng, hparams) -> dict of sums` over one eval batch.
+      eval_fn: `(state, frozen, batch, rng, hparams) -> dict of sums` over one eval batch.
       eval_data: returns a fresh iterable over the eval split each time it is called.
       summarize_eval: host function from summed eval outputs to eval metrics.
       count_tokens: tokens of one host batch (for tokens/s).
@@ -136,6 +144,7 @@ class LoopSpec:
     state: StateFactory
     hparams: Any
     train_data: Iterator[HostBatch]
+    frozen: Callable[[], Frozen] | None = None
     eval_fn: EvalFn | None = None
     eval_data: Callable[[], Iterable[HostBatch]] | None = None
     summarize_eval: Callable[[dict[str, Any]], dict[str, Any]] = dict
@@ -210,6 +219,7 @@ class _Run:
     # ---------------------------------------------------------------- start / resume
     def start(self) -> None:
         spec = self.spec
+        self.frozen = spec.frozen() if spec.frozen is not None else Frozen()
         restored = self.ckpt.restore(
             spec.state.abstract, spec.hparams, self.base_rng, self.mesh, self.check_meta
         )
@@ -254,19 +264,29 @@ class _Run:
         log.info("resumed from the checkpoint of step %d in %s", self.step, self.ckpt.directory)
 
     # ---------------------------------------------------------------- compiled functions
+    @property
+    def frozen_shardings(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.frozen)
+
     def _batch_shardings(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         return {k: partitioning.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
     def compile_step(self, batch: dict[str, jax.Array]) -> None:
-        def counted(state, batch, rng, hp):
+        def counted(state, frozen, batch, rng, hp):
             self.step_traces += 1  # runs at trace time only
-            return self.spec.step_fn(state, batch, rng, hp)
+            return self.spec.step_fn(state, frozen, batch, rng, hp)
 
         state_sh = self.spec.state.shardings
         hp_sh = jax.tree.map(lambda _: self.rep, self.hp)
         self.jstep = jax.jit(
             counted,
-            in_shardings=(state_sh, self._batch_shardings(batch), self.rep, hp_sh),
+            in_shardings=(
+                state_sh,
+                self.frozen_shardings,
+                self._batch_shardings(batch),
+                self.rep,
+                hp_sh,
+            ),  # fmt: skip
             out_shardings=(state_sh, self.rep),
             donate_argnums=0,
         )
@@ -283,9 +303,10 @@ class _Run:
             batch = partitioning.make_global_batch(local, self.mesh)
             if self.jeval is None:  # one jitted function for the whole run
                 hp_sh = jax.tree.map(lambda _: self.rep, self.hp)
-                shardings = (spec.state.shardings, self._batch_shardings(batch), self.rep, hp_sh)
+                shardings = (spec.state.shardings, self.frozen_shardings,
+                             self._batch_shardings(batch), self.rep, hp_sh)  # fmt: skip
                 self.jeval = jax.jit(spec.eval_fn, in_shardings=shardings, out_shardings=self.rep)
-            out = self.jeval(self.state, batch, rng, self.hp)
+            out = self.jeval(self.state, self.frozen, batch, rng, self.hp)
             totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
             n += 1
         if totals is None:
@@ -413,7 +434,7 @@ class _Run:
         if first_call:
             self.compile_step(batch)
         self.batch_shapes.add(tuple((k, v.shape) for k, v in sorted(batch.items())))
-        self.state, self.metrics = self.jstep(self.state, batch, self.rng, self.hp)
+        self.state, self.metrics = self.jstep(self.state, self.frozen, batch, self.rng, self.hp)
         self.step += 1
         if first_call:
             thr.reset()  # that call compiled: keep it out of the throughput

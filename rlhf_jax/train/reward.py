@@ -9,8 +9,9 @@
 - `policy_to_reward_params` maps a policy's `Transformer` params into the `trunk/` of a
   `ScalarModel` (the LM head, if any, is dropped; the scalar heads keep their fresh init), and
   `reward_state_factory` initialises a reward model that way from an SFT run directory.
-- `reward_stage` (gin: `train.stage = @reward_stage`) trains it with `steps.reward.reward_step`
-  (optionally with a frozen trunk), evaluates every EVAL_EVERY steps, and at the end writes
+- `reward_stage` (gin: `train.stage = @reward_stage`) trains it with the algorithm
+  `steps.reward.RewardConfig` (optionally with a frozen trunk: no update and no optimiser state
+  for `trunk/`, `freeze_trunk_updates`), evaluates every EVAL_EVERY steps, and at the end writes
   RUN_DIR/reward_norm.json from the final eval's per-head reward statistics.
 """
 
@@ -27,7 +28,6 @@ from typing import Any
 import datasets
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -43,16 +43,9 @@ from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.models import ModelConfig, ScalarModel, lora, model_config
 from rlhf_jax.reward_scoring import RewardNormalization
-from rlhf_jax.steps.reward import (
-    GOLD_FIELDS,
-    LABEL_PROB_FIELD,
-    RewardConfig,
-    RewardHParams,
-    reward_eval_step,
-    reward_step,
-    summarize_eval,
-)
-from rlhf_jax.steps.state import StateFactory, TrainState
+from rlhf_jax.steps.algorithm import HParams, eval_step, train_step
+from rlhf_jax.steps.reward import GOLD_FIELDS, LABEL_PROB_FIELD, RewardConfig, RewardHParams
+from rlhf_jax.steps.state import ModelState, StateFactory, TrainState
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import (
     load_params,
@@ -323,15 +316,17 @@ def reward_state_factory(
     the policy of the run (or checkpoint) directory `init_from`."""
     kwargs = {"num_heads": num_heads}
     factory, graphdef = stages.model_state_factory(
-        cfg, optimizer, mesh, rules, seed=seed, model_class="ScalarModel", model_kwargs=kwargs
-    )
+        cfg, optimizer, mesh, rules, seed=seed, model_class="ScalarModel", model_kwargs=kwargs,
+        name="reward",
+    )  # fmt: skip
     if init_from is None:
         return factory, graphdef
 
     def create(key: jax.Array, policy_params: nnx.State) -> TrainState:
         fresh = nnx.state(ScalarModel(cfg, rngs=nnx.Rngs(key), **kwargs), nnx.Param)
         params = policy_to_reward_params(fresh, policy_params)
-        return TrainState.create(graphdef=graphdef, params=params, optimizer=optimizer)
+        model = ModelState.create(graphdef=graphdef, params=params, optimizer=optimizer)
+        return TrainState.create({"reward": model})
 
     def init() -> TrainState:
         policy = load_params(init_from, mesh=mesh, rules=rules)
@@ -344,23 +339,18 @@ def reward_state_factory(
 
 
 def freeze_trunk_updates(optimizer: Optimizer) -> Optimizer:
-    """The optimiser with exactly zero updates for every `trunk/` parameter.
-
-    A stateless transformation appended to the chain zeroes the trunk's updates, weight decay
-    included, so the trunk stays bitwise unchanged. (`make_optimizer(frozen=[TRUNK_PATTERN])`
-    would also drop the trunk's optimiser state, but its `MaskedNode`s do not survive
-    `partitioning.state_shardings` at present.) The step's `freeze_trunk` also stops the
-    gradient at the trunk, which saves the trunk's backward pass.
+    """The optimiser with exactly zero updates and no optimiser state for every `trunk/`
+    parameter (`optax.multi_transform` + `set_to_zero`, as `make_optimizer(frozen=...)` does),
+    so the trunk stays bitwise unchanged, weight decay included. The step's `freeze_trunk`
+    also stops the gradient at the trunk, which saves the trunk's backward pass.
     """
 
-    def zero_trunk(updates: Any, params: Any) -> Any:
-        del params
+    def labels(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda p, u: jnp.zeros_like(u) if re.search(TRUNK_PATTERN, param_path(p)) else u,
-            updates,
+            lambda p, _: "frozen" if re.search(TRUNK_PATTERN, param_path(p)) else "train", params
         )
 
-    tx = optax.chain(optimizer.tx, optax.stateless(zero_trunk))
+    tx = optax.multi_transform({"train": optimizer.tx, "frozen": optax.set_to_zero()}, labels)
     return Optimizer(tx=tx, schedule=optimizer.schedule)
 
 
@@ -472,22 +462,19 @@ def reward_stage(
         step_cfg = RewardConfig(
             num_heads=num_heads,
             bootstrap=bootstrap,
-            bootstrap_seed=seed,
             freeze_trunk=freeze_trunk,
             grad_accum_steps=grad_accum_steps,
             ece_bins=ece_bins,
         )
-        hparams = RewardHParams.create(
-            lr_scale, label_smoothing, center_coef, margin_scale, debug_nan_step
-        )
+        loss_hp = RewardHParams.create(label_smoothing, center_coef, margin_scale, seed)
         spec = LoopSpec(
-            step_fn=functools.partial(reward_step, cfg=step_cfg),
+            step_fn=functools.partial(train_step, cfg=step_cfg),
             state=factory,
-            hparams=hparams,
+            hparams=HParams.create(loss_hp, lr_scale=lr_scale, debug_nan_step=debug_nan_step),
             train_data=rm_data.train,
-            eval_fn=functools.partial(reward_eval_step, cfg=step_cfg),
+            eval_fn=functools.partial(eval_step, cfg=step_cfg),
             eval_data=rm_data.eval,
-            summarize_eval=summarize_eval,
+            summarize_eval=step_cfg.summarize_eval,
             count_tokens=_count_tokens,
             flops_per_batch=functools.partial(_flops_per_batch, cfg),
             summary_extra={

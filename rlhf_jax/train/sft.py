@@ -24,7 +24,8 @@ import numpy as np
 
 from rlhf_jax import partitioning
 from rlhf_jax.models import lora, model_config
-from rlhf_jax.steps.sft import SFTConfig, SFTHParams, sft_eval_step, sft_step, summarize_eval
+from rlhf_jax.steps.algorithm import HParams, eval_step, train_step
+from rlhf_jax.steps.sft import SFTConfig
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import read_model_info, resolve_run_dir
 from rlhf_jax.train.faults import RunLock
@@ -194,13 +195,13 @@ def sft_stage(
         )  # fmt: skip
         step_cfg = SFTConfig(grad_accum_steps=grad_accum_steps, logits_chunk_size=logits_chunk_size)
         spec = LoopSpec(
-            step_fn=functools.partial(sft_step, cfg=step_cfg),
+            step_fn=functools.partial(train_step, cfg=step_cfg),
             state=factory,
-            hparams=SFTHParams.create(lr_scale=lr_scale, debug_nan_step=debug_nan_step),
+            hparams=HParams.create(lr_scale=lr_scale, debug_nan_step=debug_nan_step),
             train_data=sft_data.train,
-            eval_fn=functools.partial(sft_eval_step, cfg=step_cfg),
+            eval_fn=functools.partial(eval_step, cfg=step_cfg),
             eval_data=sft_data.eval,
-            summarize_eval=summarize_eval,
+            summarize_eval=step_cfg.summarize_eval,
             flops_per_batch=functools.partial(_flops_per_batch, cfg),
             summary_extra=sft_data.summary,
         )

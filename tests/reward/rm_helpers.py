@@ -13,7 +13,7 @@ from flax import nnx
 
 from rlhf_jax import partitioning
 from rlhf_jax.models import model_config
-from rlhf_jax.steps.sft import SFTHParams
+from rlhf_jax.steps.algorithm import HParams
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import Checkpointer, write_model_info
 from rlhf_jax.train.optim import make_optimizer
@@ -120,7 +120,7 @@ def write_sft_run(run_dir: Path, cfg, tokenizer_path: str | None, seed: int = 7)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = factory.init()
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(3, state, hparams=SFTHParams.create(), rng=jax.random.key(0), meta={})
+    ckpt.save(3, state, hparams=HParams.create(), rng=jax.random.key(0), meta={})
     ckpt.close()
     write_model_info(run_dir, cfg, tokenizer_path=tokenizer_path)
     return run_dir
