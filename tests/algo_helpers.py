@@ -22,7 +22,7 @@ from rlhf_jax.steps.sft import SFTConfig
 from rlhf_jax.steps.state import Frozen
 from rlhf_jax.train import stages
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.reward import reward_state_factory
+from rlhf_jax.train.reward_init import reward_state_factory
 from rlhf_jax.train.synthetic import SyntheticSFTIterator
 
 VOCAB, SEQ, ROWS = 64, 24, 8

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rlhf_jax.errors import SettingsError
 from rlhf_jax.models import lora
 from rlhf_jax.steps.common import (
     Batch,
@@ -74,8 +75,9 @@ class Algorithm:
     grad_accum_steps: int = 1
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        n = self.grad_accum_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SettingsError(f"grad_accum_steps={n!r} must be a positive integer")
 
     def prepare(self, batch: Batch, hp: Any) -> Any:
         """Quantities of the whole batch that every micro-batch's loss reads (default: none)."""

@@ -144,9 +144,10 @@ class DPOHParams:
         orpo_lambda: float = 0.1,
         loss_weights: Sequence[float] | None = None,
         bco_delta: float = 0.0,
-        rpo_alpha: float = 0.0,
+        rpo_alpha: float | None = 0.0,
     ) -> DPOHParams:
-        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`."""
+        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`;
+        `rpo_alpha` None means 0 (the stage turns the RPO term on when it is not 0)."""
         weights = [1.0] * num_loss_types if loss_weights is None else list(loss_weights)
         if len(weights) != num_loss_types:
             raise ValueError(f"{len(weights)} loss_weights for {num_loss_types} loss types")
@@ -159,7 +160,7 @@ class DPOHParams:
             orpo_lambda=f32(orpo_lambda),
             loss_weights=f32(weights),
             bco_delta=f32(bco_delta),
-            rpo_alpha=f32(rpo_alpha),
+            rpo_alpha=f32(rpo_alpha or 0.0),
         )
 
 

@@ -138,6 +138,9 @@ class LoopSpec:
       flops_per_batch: model FLOPs of one step on one host batch (for MFU), or None.
       summary_extra: entries added to summary.json (e.g. a baseline).
       host_state / load_host_state: optional JSON state of host-side controllers.
+      eval_hook: `(state, step) -> metrics`, a host-side evaluation run at every eval after
+        `eval_fn` (e.g. `train.eval_hook.SampleEval`: sample, score with judges, write
+        RUN_DIR/samples.jsonl); its metrics are logged under `eval/`.
     """
 
     step_fn: StepFn
@@ -153,6 +156,7 @@ class LoopSpec:
     summary_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     host_state: Callable[[], dict[str, Any]] | None = None
     load_host_state: Callable[[dict[str, Any]], None] | None = None
+    eval_hook: Callable[[Any, int], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -292,6 +296,15 @@ class _Run:
         )
 
     def evaluate(self) -> dict[str, float]:
+        metrics = self._eval_sums()
+        if self.spec.eval_hook is not None:
+            hook = self.spec.eval_hook(self.state, self.step)
+            metrics.update({f"eval/{k}": v for k, v in hook.items()})
+        if metrics:
+            self.last_eval = metrics
+        return metrics
+
+    def _eval_sums(self) -> dict[str, float]:
         spec = self.spec
         if spec.eval_fn is None or spec.eval_data is None:
             return {}
@@ -312,8 +325,7 @@ class _Run:
         if totals is None:
             return {}
         sums = {k: to_python(v) for k, v in jax.device_get(totals).items()}
-        self.last_eval = {f"eval/{k}": v for k, v in spec.summarize_eval(sums).items()}
-        return self.last_eval
+        return {f"eval/{k}": v for k, v in spec.summarize_eval(sums).items()}
 
     # ---------------------------------------------------------------- faults / checkpoints
     def check_nonfinite(self) -> None:
@@ -459,7 +471,7 @@ class _Run:
             thr.reset()  # the blocking part of a save is not training time either
 
     def finish(self, wall_s: float) -> LoopResult:
-        if not self.last_eval and self.spec.eval_fn is not None:
+        if not self.last_eval and (self.spec.eval_fn or self.spec.eval_hook) is not None:
             self.evaluate()
         summary = {
             "status": "done",

@@ -148,7 +148,8 @@ def truncation_summary(stats_by_split: dict[str, dict[str, int] | None]) -> dict
     return out
 
 
-def _is_bound(selector: str) -> bool:
+def is_bound(selector: str) -> bool:
+    """Whether gin binds `selector` (e.g. "make_optimizer.total_steps")."""
     try:
         gin.query_parameter(selector)
     except ValueError:
@@ -158,7 +159,7 @@ def _is_bound(selector: str) -> bool:
 
 def build_optimizer(train_steps: int, builder: Callable[..., Optimizer] = make_optimizer):
     """The gin-configured optimiser; its schedule spans the run unless gin sets total_steps."""
-    if _is_bound("make_optimizer.total_steps"):
+    if is_bound("make_optimizer.total_steps"):
         return builder()
     return builder(total_steps=train_steps)
 

@@ -15,7 +15,6 @@ from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.models import model_config
 from rlhf_jax.train import ref_cache
-from rlhf_jax.train.dpo import precompute_reference
 from rlhf_jax.train.ref_cache import (
     ReferenceCache,
     cache_key,
@@ -23,6 +22,7 @@ from rlhf_jax.train.ref_cache import (
     hash_checkpoint,
     hash_examples,
     hash_params,
+    precompute_reference,
     with_reference,
 )
 

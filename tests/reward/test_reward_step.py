@@ -31,7 +31,7 @@ from rlhf_jax.steps.reward import (
 from rlhf_jax.steps.state import Frozen
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.reward import freeze_trunk_updates, reward_state_factory
+from rlhf_jax.train.reward_init import freeze_trunk_updates, reward_state_factory
 
 K = 3
 CFG = tiny_config()

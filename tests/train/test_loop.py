@@ -13,7 +13,8 @@ from rlhf_jax.steps.state import TrainState
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import Checkpointer, load_params
 from rlhf_jax.train.metrics import read_metrics
-from rlhf_jax.train.sft import SFTData, sft_stage, synthetic_sft_data
+from rlhf_jax.train.sft import sft_stage, synthetic_sft_data
+from rlhf_jax.train.stage import StageData
 from rlhf_jax.train.synthetic import synthetic_sft_batch
 
 
@@ -126,7 +127,7 @@ def test_iterator_without_state_dict_is_fast_forwarded(tmp_path):
             for i in itertools.count():
                 yield synthetic_sft_batch(np.random.default_rng([seed, i]), batch_size, 16, 48)
 
-        return SFTData(gen(), base.eval, 48, 16, summary=base.summary)
+        return StageData(gen(), base.eval, 48, 16, summary=base.summary)
 
     bind_tiny_sft(tmp_path / "full", 6)
     full = sft_stage(run_dir=str(tmp_path / "full"), data=data)
