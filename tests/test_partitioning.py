@@ -120,8 +120,8 @@ def test_train_state_with_frozen_parameters_is_placed():
     mesh = P.make_mesh((2, 2, 2))
     factory, _ = model_state_factory(model_config("tiny"), opt, mesh, P.logical_rules())
     state = factory.init()
-    assert state.params["embed"][...].sharding.spec == PartitionSpec("tensor", "fsdp")
-    n_opt = len(jax.tree.leaves(state.opt_state))
-    n_params = len(jax.tree.leaves(state.params))
+    assert state.policy.params["embed"][...].sharding.spec == PartitionSpec("tensor", "fsdp")
+    n_opt = len(jax.tree.leaves(state.policy.opt_state))
+    n_params = len(jax.tree.leaves(state.policy.params))
     # Adam moments only for the trainable block (plus counters), not for every parameter.
     assert n_opt < 2 * n_params

@@ -4,10 +4,12 @@
   and auxiliary statistics. Losses return *sums* with their denominators in `aux`, so the step
   divides once at the end and the result equals the whole-batch gradient exactly (up to float
   rounding) whatever `A` is.
-- `apply_gradients` applies one optimiser update, scaled by the traced `lr_scale`, unless the
-  loss or the gradients are non-finite: then parameters and optimiser state are kept (selected
-  with `jnp.where`, inside `jit`) and `TrainState.nonfinite` records the step. It also hosts the
-  fault-injection hook `debug_nan_step` (a traced hyperparameter, -1 = off).
+- `guarded_update` applies one optimiser update to one named model (`ModelState.
+  apply_gradients`, scaled by the traced `lr_scale`) unless the loss or the gradients are
+  non-finite: then parameters and optimiser state are kept (selected with `jnp.where`, inside
+  `jit`) and `TrainState.nonfinite` records the step. It also hosts the fault-injection hook
+  `debug_nan_step` (a traced hyperparameter, -1 = off). Both live in `UpdateHParams`, the one
+  place every algorithm's traced hyperparameters share.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from rlhf_jax.partitioning import with_logical_constraint
 from rlhf_jax.steps.state import TrainState
@@ -75,48 +78,64 @@ def accumulate_gradients(
     return grads, total, aux
 
 
-def apply_gradients(
+@struct.dataclass
+class UpdateHParams:
+    """The traced hyperparameters of the update itself, shared by every algorithm.
+
+    Attributes:
+      lr_scale: multiplies the scheduled learning rate.
+      debug_nan_step: fault injection for tests; the loss and gradients of this iteration are
+        replaced by NaN before the checks (-1: never).
+    """
+
+    lr_scale: jax.Array
+    debug_nan_step: jax.Array
+
+    @classmethod
+    def create(cls, lr_scale: float = 1.0, debug_nan_step: int = -1) -> UpdateHParams:
+        return cls(
+            lr_scale=jnp.asarray(lr_scale, jnp.float32),
+            debug_nan_step=jnp.asarray(debug_nan_step, jnp.int32),
+        )
+
+
+def guarded_update(
     state: TrainState,
     grads: Any,
     loss: jax.Array,
-    lr_scale: jax.Array,
-    debug_nan_step: jax.Array | int = -1,
+    hp: UpdateHParams,
+    *,
+    model: str = "policy",
+    opt_step: jax.Array | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One guarded optimiser update; returns the new state and `loss`, `grad_norm`, `lr`,
-    `nonfinite/skipped`.
+    """One guarded optimiser update of `state.models[model]`.
+
+    Does not advance `state.step` (the step function counts iterations). Returns the new state
+    and `loss`, `grad_norm`, `lr`, `nonfinite/skipped`.
 
     Args:
-      state: the current state (its `tx` and `lr_schedule` are used).
-      grads: gradients shaped like `state.params` (already divided by their denominator).
+      state: the current state.
+      grads: gradients shaped like the model's params (already divided by their denominator).
       loss: the scalar loss the gradients belong to (checked for finiteness).
-      lr_scale: traced multiplier on the update (so on the learning rate, decay included).
-      debug_nan_step: fault injection for tests: at this step the loss and the gradients are
-        replaced by NaN before the checks (-1: never).
+      hp: `lr_scale` (traced multiplier on the update, so on the learning rate, decay included)
+        and `debug_nan_step` (at this iteration the loss and the gradients become NaN).
+      model: which trained model to update.
+      opt_step: the optimiser step the schedule is at (default: `state.step`, one per iteration).
     """
-    poison = state.step == debug_nan_step
+    poison = state.step == hp.debug_nan_step
     loss = jnp.where(poison, jnp.nan, loss)
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
     grad_norm = optax.tree.norm(grads)
     loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
-    ok = loss_ok & grads_ok
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
-    params = optax.apply_updates(state.params, updates)
-
-    def keep_if_ok(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
+    ms = state.models[model]
+    new_ms = ms.apply_gradients(grads, lr_scale=hp.lr_scale, ok=loss_ok & grads_ok)
     nonfinite = state.nonfinite.record(state.step, loss_ok, grads_ok)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_ok(params, state.params),
-        opt_state=keep_if_ok(opt_state, state.opt_state),
-        nonfinite=nonfinite,
-    )
+    state = state.with_model(model, new_ms).replace(nonfinite=nonfinite)
+    at = state.step if opt_step is None else opt_step
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": jnp.asarray(state.lr_schedule(state.step), jnp.float32) * lr_scale,
+        "lr": jnp.asarray(ms.lr_schedule(at), jnp.float32) * hp.lr_scale,
         "nonfinite/skipped": nonfinite.skipped,
     }
-    return new_state, metrics
+    return state, metrics

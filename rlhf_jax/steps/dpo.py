@@ -11,10 +11,10 @@ Batch format (global `jax.Array`s, rows sharded over (data, fsdp)): `chosen_inpu
 padding rows) and, in "precomputed" reference mode, `ref_chosen_logps` / `ref_rejected_logps`
 [B] float32 (see `train.ref_cache`).
 
-Static vs traced. `DPOConfig` (loss type, reference mode, accumulation, chunking) is bound with
-`functools.partial` before `jit`; `DPOHParams` (beta, label smoothing, gamma, tau, lambda, loss
-weights, ...) is a pytree of float32 scalars, so a beta sweep compiles once and a population can
-be `vmap`ped over it.
+Static vs traced. `DPOConfig` (loss type, reference mode, accumulation, chunking) is the
+algorithm object (`steps.algorithm`), bound with `functools.partial` before `jit`; `DPOHParams`
+(beta, label smoothing, gamma, tau, lambda, loss weights, ...) is a pytree of float32 scalars,
+so a beta sweep compiles once and a population can be `vmap`ped over it.
 
 Chosen and rejected go through the policy in ONE forward: rows are interleaved along the batch
 (`[c_0, r_0, c_1, r_1, ...]`) rather than stacked as `[c..., r...]`, so that each device keeps
@@ -40,21 +40,22 @@ from rlhf_jax.losses.preference import (
 from rlhf_jax.models import lora
 from rlhf_jax.ops import chunked_token_logprobs, sequence_logprobs
 from rlhf_jax.partitioning import with_logical_constraint
-from rlhf_jax.steps.common import Batch, Metrics, accumulate_gradients, apply_gradients
-from rlhf_jax.steps.state import TrainState
+from rlhf_jax.steps.algorithm import Algorithm
+from rlhf_jax.steps.common import Batch
+from rlhf_jax.steps.state import Frozen, TrainState
 
 REFERENCE_MODES = ("params", "precomputed")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Static DPO settings (bound with `functools.partial` before `jit`).
+class DPOConfig(Algorithm):
+    """The DPO family as an `Algorithm`: static settings (bound before `jit`).
 
     Attributes:
       loss_type: a name from `losses.preference.PREFERENCE_LOSS_TYPES`, or a tuple of names
         whose losses are summed with `DPOHParams.loss_weights` (MPO-style mixes).
-      reference: "params" (frozen reference parameters in `TrainState.ref_params`, run forward
+      reference: "params" (the frozen reference model `Frozen.params["ref"]`, run forward
         under `stop_gradient`) or "precomputed" (reference log-probs carried in the batch as
         `ref_chosen_logps` / `ref_rejected_logps`). Ignored when every type is reference-free.
       grad_accum_steps: micro-batches per step. Batch-coupled types (`aot`, `aot_unpaired`)
@@ -65,11 +66,11 @@ class DPOConfig:
 
     loss_type: str | tuple[str, ...] = "sigmoid"
     reference: str = "params"
-    grad_accum_steps: int = 1
     logits_chunk_size: int = 128
     rpo: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.loss_type, str):
             object.__setattr__(self, "loss_type", tuple(self.loss_type))
         unknown = [t for t in self.loss_types if t not in PREFERENCE_LOSS_TYPES]
@@ -80,8 +81,6 @@ class DPOConfig:
             )
         if self.reference not in REFERENCE_MODES:
             raise SettingsError(f"reference={self.reference!r}; choose one of {REFERENCE_MODES}")
-        if self.grad_accum_steps < 1:
-            raise SettingsError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -94,8 +93,28 @@ class DPOConfig:
 
     @property
     def uses_ref_params(self) -> bool:
-        """True when the step runs the reference model (so the state needs `ref_params`)."""
+        """True when the step runs the reference model (`Frozen.params["ref"]`, or the LoRA
+        policy's base)."""
         return self.needs_reference and self.reference == "params"
+
+    def loss_sums(self, state, frozen, params, batch, rng, hp, prepared):
+        """Summed per-pair loss over valid pairs and its statistics (`pairs`: denominator)."""
+        del rng, prepared
+        return dpo_loss_sums(state, frozen, params, batch, hp, self)
+
+    def denominator(self, sums):
+        return jnp.maximum(sums["pairs"], 1.0)
+
+    def train_metrics(self, sums, denom):
+        metrics = {k: v / denom for k, v in sums.items() if k != "pairs"}
+        return {**metrics, "pairs": sums["pairs"]}
+
+    def eval_sums(self, state, frozen, batch, hp):
+        loss_sum, sums = dpo_loss_sums(state, frozen, state.policy.params, batch, hp, self)
+        return {"loss_sum": loss_sum, **sums}
+
+    def summarize_eval(self, sums):
+        return summarize_eval(sums)
 
 
 @struct.dataclass
@@ -106,7 +125,6 @@ class DPOHParams:
     which loss types read which value.
     """
 
-    lr_scale: jax.Array
     beta: jax.Array
     label_smoothing: jax.Array
     gamma: jax.Array
@@ -115,14 +133,12 @@ class DPOHParams:
     loss_weights: jax.Array
     bco_delta: jax.Array
     rpo_alpha: jax.Array
-    debug_nan_step: jax.Array
 
     @classmethod
     def create(
         cls,
         *,
         num_loss_types: int = 1,
-        lr_scale: float = 1.0,
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         gamma: float = 0.5,
@@ -130,17 +146,16 @@ class DPOHParams:
         orpo_lambda: float = 0.1,
         loss_weights: Sequence[float] | None = None,
         bco_delta: float = 0.0,
-        rpo_alpha: float = 0.0,
-        debug_nan_step: int = -1,
+        rpo_alpha: float | None = 0.0,
     ) -> DPOHParams:
-        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`.
+        """Builds the pytree; `loss_weights` defaults to 1 for each of `num_loss_types`;
+        `rpo_alpha` None means 0 (the stage turns the RPO term on when it is not 0).
 
         Raises:
           errors.SettingsError: a value of the wrong type or out of range, named with its gin
             macro (BETA > 0, 0 <= LABEL_SMOOTHING < 0.5, DISCOPOP_TAU > 0, ORPO_LAMBDA >= 0,
             RPO_ALPHA >= 0, the others finite; one finite weight per loss type).
         """
-        settings.finite("lr_scale", lr_scale)
         settings.positive_float("beta (BETA)", beta)
         settings.in_range("label_smoothing (LABEL_SMOOTHING)", label_smoothing, 0.0, 0.5,
                           high_open=True)  # fmt: skip
@@ -148,8 +163,7 @@ class DPOHParams:
         settings.positive_float("tau (DISCOPOP_TAU)", tau)
         settings.nonneg_float("orpo_lambda (ORPO_LAMBDA)", orpo_lambda)
         settings.finite("bco_delta (BCO_DELTA)", bco_delta)
-        settings.nonneg_float("rpo_alpha (RPO_ALPHA)", rpo_alpha)
-        settings.integer("debug_nan_step", debug_nan_step)
+        settings.nonneg_float("rpo_alpha (RPO_ALPHA)", rpo_alpha or 0.0)
         weights = [1.0] * num_loss_types if loss_weights is None else list(loss_weights)
         if len(weights) != num_loss_types:
             raise SettingsError(
@@ -160,7 +174,6 @@ class DPOHParams:
             settings.finite("loss_weights (LOSS_WEIGHTS)", w)
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
         return cls(
-            lr_scale=f32(lr_scale),
             beta=f32(beta),
             label_smoothing=f32(label_smoothing),
             gamma=f32(gamma),
@@ -168,8 +181,7 @@ class DPOHParams:
             orpo_lambda=f32(orpo_lambda),
             loss_weights=f32(weights),
             bco_delta=f32(bco_delta),
-            rpo_alpha=f32(rpo_alpha),
-            debug_nan_step=jnp.asarray(debug_nan_step, jnp.int32),
+            rpo_alpha=f32(rpo_alpha or 0.0),
         )
 
 
@@ -206,7 +218,9 @@ def pair_sequence_logps(
     return logps_N.reshape(-1, 2), lengths_N.reshape(-1, 2)
 
 
-def reference_logps(state: TrainState, batch: Batch, cfg: DPOConfig) -> jax.Array | None:
+def reference_logps(
+    state: TrainState, frozen: Frozen, batch: Batch, cfg: DPOConfig
+) -> jax.Array | None:
     """Reference summed log-probs `[B, 2]`, or None for reference-free loss types."""
     if not cfg.needs_reference:
         return None
@@ -217,15 +231,17 @@ def reference_logps(state: TrainState, batch: Batch, cfg: DPOConfig) -> jax.Arra
                 f"reference='precomputed' needs {missing} in the batch (see train.ref_cache)"
             )
         return jnp.stack([batch[k] for k in REF_FIELDS], axis=1).astype(jnp.float32)
-    if state.ref_params is None and lora.has_adapters(state.params):
+    policy = state.models["policy"]
+    if "ref" in frozen:
+        graphdef, ref_params = frozen.graphdefs["ref"], jax.lax.stop_gradient(frozen.params["ref"])
+    elif lora.has_adapters(policy.params):
         # LoRA: the reference is the base model, i.e. the policy with its adapters off (the
         # same base arrays; no second copy of the weights).
-        ref_params = jax.lax.stop_gradient(lora.without_adapters(state.params))
-    elif state.ref_params is None:
-        raise ValueError("reference='params' needs TrainState.ref_params (with_ref=True)")
+        graphdef = policy.graphdef
+        ref_params = jax.lax.stop_gradient(lora.without_adapters(policy.params))
     else:
-        ref_params = jax.lax.stop_gradient(state.ref_params)
-    logps_B2, _ = pair_sequence_logps(state.graphdef, ref_params, batch, cfg.logits_chunk_size)
+        raise ValueError("reference='params' needs the frozen reference model Frozen['ref']")
+    logps_B2, _ = pair_sequence_logps(graphdef, ref_params, batch, cfg.logits_chunk_size)
     return jax.lax.stop_gradient(logps_B2)
 
 
@@ -302,51 +318,17 @@ def _valid(batch: Batch) -> jax.Array:
 
 def dpo_loss_sums(
     state: TrainState,
+    frozen: Frozen,
     params: nnx.State,
     batch: Batch,
     hp: DPOHParams,
     cfg: DPOConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy forward (differentiable in `params`), reference, and `pair_loss_sums`."""
-    logps_B2, lengths_B2 = pair_sequence_logps(state.graphdef, params, batch, cfg.logits_chunk_size)
-    ref_B2 = reference_logps(state, batch, cfg)
+    graphdef = state.models["policy"].graphdef
+    logps_B2, lengths_B2 = pair_sequence_logps(graphdef, params, batch, cfg.logits_chunk_size)
+    ref_B2 = reference_logps(state, frozen, batch, cfg)
     return pair_loss_sums(logps_B2, ref_B2, lengths_B2, _valid(batch), hp, cfg)
-
-
-def dpo_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: DPOHParams, *, cfg: DPOConfig
-) -> tuple[TrainState, Metrics]:
-    """One DPO-family update: the mean per-pair loss over the batch's valid pairs.
-
-    Metrics: `loss`, `grad_norm`, `lr`, `nonfinite/skipped`, `pairs`, `rewards/{chosen,
-    rejected,margins,accuracies}`, `logps/{chosen,rejected}`, `lengths/{chosen,rejected}`,
-    `kl/implicit` (when a reference is used), `loss/<type>` for mixes and `rpo/nll`.
-    """
-    rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params, micro_batch, _rng):
-        with lora.dropout(_rng):  # LoRA adapter dropout (a no-op without it)
-            return dpo_loss_sums(state, params, micro_batch, hp, cfg)
-
-    grads, loss_sum, sums = accumulate_gradients(
-        loss_fn, state.params, batch, rng, cfg.grad_accum_steps
-    )
-    pairs = jnp.maximum(sums["pairs"], 1.0)
-    grads = jax.tree.map(lambda g: g / pairs.astype(g.dtype), grads)
-    state, update_metrics = apply_gradients(
-        state, grads, loss_sum / pairs, hp.lr_scale, hp.debug_nan_step
-    )
-    metrics = {k: v / pairs for k, v in sums.items() if k != "pairs"}
-    return state, {**metrics, **update_metrics, "pairs": sums["pairs"]}
-
-
-def dpo_eval_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: DPOHParams, *, cfg: DPOConfig
-) -> Metrics:
-    """Sums over one eval batch (valid pairs only): `loss_sum`, `pairs` and the statistics."""
-    del rng
-    loss_sum, sums = dpo_loss_sums(state, state.params, batch, hp, cfg)
-    return {"loss_sum": loss_sum, **sums}
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:

@@ -17,10 +17,10 @@ Ensembles and the bootstrap. A `ScalarModel` with K heads shares one trunk. Head
 with weight w_ik ~ Poisson(1) (the "Poisson bootstrap" of Oza & Russell 2001; as used for
 Bootstrapped DQN, Osband et al. 2016), a deterministic function of the pair's identity: a hash of
 its chosen and rejected token ids (real tokens only, so the bucket length does not matter),
-mixed with k and a seed and pushed through the Poisson(1) inverse CDF. A pair therefore keeps its
-weight for head k in every epoch and on every host, which makes each head's training set one
-fixed bootstrap resample of the data, rather than a fresh reweighting per step (which would
-average out and leave the heads nearly identical). The hash is our own (murmur3's 32-bit
+mixed with k and a (traced) seed and pushed through the Poisson(1) inverse CDF. A pair therefore
+keeps its weight for head k in every epoch and on every host, which makes each head's training
+set one fixed bootstrap resample of the data, rather than a fresh reweighting per step (which
+would average out and leave the heads nearly identical). The hash is our own (murmur3's 32-bit
 finaliser over position-salted token ids), so it does not change with jax's PRNG. Each head's
 loss is its weighted mean over the batch (the weights' total is computed from the whole batch
 before micro-batching, so gradient accumulation stays exact), and the objective is the mean over
@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,8 @@ from flax import nnx, struct
 
 from rlhf_jax.losses.reward import bradley_terry_loss
 from rlhf_jax.partitioning import with_logical_constraint
-from rlhf_jax.steps.common import Batch, Metrics, accumulate_gradients, apply_gradients
-from rlhf_jax.steps.state import TrainState
+from rlhf_jax.steps.algorithm import Algorithm
+from rlhf_jax.steps.common import Batch
 
 GOLD_FIELDS = ("chosen_score", "rejected_score")
 LABEL_PROB_FIELD = "label_prob"
@@ -55,25 +55,49 @@ _POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(j) for j in range(12)
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """Static reward-model settings (bound with `functools.partial` before `jit`).
+class RewardConfig(Algorithm):
+    """The Bradley-Terry reward model as an `Algorithm` (static settings, bound before `jit`).
+
+    It trains the model "reward" of the state (a `ScalarModel`).
 
     Attributes:
-      num_heads: K, the ensemble size (heads of the `ScalarModel`).
-      bootstrap: with K > 1, weight pairs per head by their Poisson(1) bootstrap counts.
-      bootstrap_seed: seed folded into the bootstrap hash (a different resample per seed).
-      freeze_trunk: stop gradients at the trunk (pair with an optimiser that freezes
-        `^trunk/`, so the trunk also gets no update and no optimiser state).
       grad_accum_steps: micro-batches per step.
+      num_heads: K, the ensemble size (heads of the `ScalarModel`).
+      bootstrap: with K > 1, weight pairs per head by their Poisson(1) bootstrap counts (the
+        seed is traced: `RewardHParams.bootstrap_seed`).
+      freeze_trunk: stop gradients at the trunk (the stage pairs it with an optimiser that
+        freezes `^trunk/`, so the trunk gets no update and keeps no optimiser state).
       ece_bins: bins of the expected calibration error.
     """
 
+    model: ClassVar[str] = "reward"
+
     num_heads: int = 1
     bootstrap: bool = True
-    bootstrap_seed: int = 0
     freeze_trunk: bool = False
-    grad_accum_steps: int = 1
     ece_bins: int = 10
+
+    def prepare(self, batch, hp):
+        # Each head's weight total over the whole batch, so every micro-batch divides by the same.
+        return jnp.maximum(pair_weights(batch, self, hp.bootstrap_seed).sum(0), 1.0)
+
+    def loss_sums(self, state, frozen, params, batch, rng, hp, prepared):
+        """The objective (already a weighted mean: denominator 1) and `pair_statistics` sums."""
+        del frozen, rng
+        return reward_objective(state.models["reward"].graphdef, params, batch, hp, prepared, self)
+
+    def train_metrics(self, sums, denom):
+        return summarize_statistics(sums)
+
+    def eval_sums(self, state, frozen, batch, hp):
+        """The eval loss is the plain Bradley-Terry NLL (no margin, smoothing or centering), so
+        runs with different training hyperparameters compare on one scale."""
+        r_c, r_r = pair_rewards(state.models["reward"].module(), batch)
+        loss_BK, _ = bradley_terry_loss(r_c, r_r)
+        return pair_statistics(r_c, r_r, loss_BK, batch, self.ece_bins, per_head=True)
+
+    def summarize_eval(self, sums):
+        return summarize_eval(sums)
 
 
 @struct.dataclass
@@ -81,35 +105,32 @@ class RewardHParams:
     """Traced reward-model hyperparameters: changing them does not recompile the step.
 
     Attributes:
-      lr_scale: multiplies the scheduled learning rate.
       label_smoothing: probability that a label is flipped (conservative BT loss).
       center_coef: weight of the reward-centering term (r_c + r_r)^2.
       margin_scale: multiplies the batch's per-pair `margin` (0 ignores it).
-      debug_nan_step: fault injection; this step's loss and gradients become NaN (-1: never).
+      bootstrap_seed: seed folded into the bootstrap hash (a different resample per seed);
+        traced, so a population over seeds compiles once.
     """
 
-    lr_scale: jax.Array
     label_smoothing: jax.Array
     center_coef: jax.Array
     margin_scale: jax.Array
-    debug_nan_step: jax.Array
+    bootstrap_seed: jax.Array
 
     @classmethod
     def create(
         cls,
-        lr_scale: float = 1.0,
         label_smoothing: float = 0.0,
         center_coef: float = 0.0,
         margin_scale: float = 1.0,
-        debug_nan_step: int = -1,
+        bootstrap_seed: int = 0,
     ) -> RewardHParams:
         f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
         return cls(
-            lr_scale=f32(lr_scale),
             label_smoothing=f32(label_smoothing),
             center_coef=f32(center_coef),
             margin_scale=f32(margin_scale),
-            debug_nan_step=jnp.asarray(debug_nan_step, jnp.int32),
+            bootstrap_seed=jnp.asarray(bootstrap_seed & 0xFFFFFFFF, jnp.uint32),
         )
 
 
@@ -139,23 +160,30 @@ def pair_hash(batch: Batch) -> jax.Array:
     return _mix32(h_c ^ _mix32(h_r + jnp.uint32(0x27D4EB2F)))
 
 
-def bootstrap_counts(hash_B: jax.Array, num_heads: int, seed: int = 0) -> jax.Array:
-    """Poisson(1) counts [B, K] (float32), a deterministic function of (hash, head, seed)."""
+def bootstrap_counts(
+    hash_B: jax.Array, num_heads: int, seed: jax.typing.ArrayLike = 0
+) -> jax.Array:
+    """Poisson(1) counts [B, K] (float32), a deterministic function of (hash, head, seed).
+
+    `seed` may be traced (a uint32 scalar, or a Python int taken modulo 2^32)."""
+    if isinstance(seed, int):
+        seed = seed & 0xFFFFFFFF
     head_K = jnp.arange(1, num_heads + 1, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
-    key_B = _mix32(hash_B ^ _mix32(jnp.uint32(seed & 0xFFFFFFFF) + jnp.uint32(0x165667B1)))
+    seed = jnp.asarray(seed).astype(jnp.uint32)
+    key_B = _mix32(hash_B ^ _mix32(seed + jnp.uint32(0x165667B1)))
     bits_BK = _mix32(_mix32(key_B[:, None] + head_K[None, :]))
     u_BK = (bits_BK >> 8).astype(jnp.float32) * (1.0 / (1 << 24))  # uniform on [0, 1)
     cdf = jnp.asarray(_POISSON1_CDF, jnp.float32)
     return jnp.sum(u_BK[..., None] >= cdf, axis=-1).astype(jnp.float32)
 
 
-def pair_weights(batch: Batch, cfg: RewardConfig) -> jax.Array:
+def pair_weights(batch: Batch, cfg: RewardConfig, seed: jax.typing.ArrayLike = 0) -> jax.Array:
     """[B, K] loss weights: `valid` times the bootstrap counts (all ones when K = 1)."""
     B = batch["chosen_input_ids"].shape[0]
     valid_B = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones((B,))
     if not cfg.bootstrap or cfg.num_heads == 1:
         return jnp.broadcast_to(valid_B[:, None], (B, cfg.num_heads))
-    counts = bootstrap_counts(pair_hash(batch), cfg.num_heads, cfg.bootstrap_seed)
+    counts = bootstrap_counts(pair_hash(batch), cfg.num_heads, seed)
     return counts * valid_B[:, None]
 
 
@@ -290,57 +318,35 @@ def summarize_statistics(sums: Mapping[str, Any], xp: Any = jnp) -> dict[str, An
 # ----------------------------------------------------------------------------- steps
 
 
-def reward_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: RewardHParams, *, cfg: RewardConfig
-) -> tuple[TrainState, Metrics]:
-    """One Bradley-Terry update of a (possibly ensembled) reward model.
+def reward_objective(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Batch,
+    hp: RewardHParams,
+    totals_K: jax.Array,
+    cfg: RewardConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The Bradley-Terry objective of one (micro-)batch and its `pair_statistics` sums.
 
     Objective: mean over heads k of sum_i w_ik * BT(r_c,ik, r_r,ik; margin_scale * margin_i)
-    / sum_i w_ik, with `losses.bradley_terry_loss` (label smoothing and centering traced).
-
-    Metrics: `loss` (the objective), `grad_norm`, `lr`, `nonfinite/skipped`, and the batch's
-    `summarize_statistics` (`accuracy`, `margin`, `rewards/*`, `calibration/ece`, `gold/*`).
+    / totals_K[k], with `losses.bradley_terry_loss` (label smoothing and centering traced) and
+    `totals_K` the heads' weight totals over the whole batch (so micro-batches add up exactly).
     """
-    rng = jax.random.fold_in(rng, state.step)
-    # Each head's weight total over the whole batch, so every micro-batch divides by the same.
-    totals_K = jnp.maximum(pair_weights(batch, cfg).sum(0), 1.0)
-
-    def loss_fn(params, micro, _rng):
-        if cfg.freeze_trunk:
-            params = _stop_trunk_gradient(params)
-        r_c, r_r = pair_rewards(nnx.merge(state.graphdef, params), micro)
-        margin_B = micro["margin"] if "margin" in micro else jnp.zeros(r_c.shape[:1])
-        loss_BK, _ = bradley_terry_loss(
-            r_c,
-            r_r,
-            margin_B=hp.margin_scale * margin_B.astype(jnp.float32)[:, None],
-            label_smoothing=hp.label_smoothing,
-            center_coef=hp.center_coef,
-        )
-        w_BK = pair_weights(micro, cfg)
-        weighted_BK = jnp.where(w_BK > 0, loss_BK * w_BK, 0.0)  # padding rows: 0, never NaN
-        objective = jnp.sum(weighted_BK / totals_K) / cfg.num_heads
-        return objective, pair_statistics(r_c, r_r, loss_BK, micro, cfg.ece_bins)
-
-    grads, objective, sums = accumulate_gradients(
-        loss_fn, state.params, batch, rng, cfg.grad_accum_steps
+    if cfg.freeze_trunk:
+        params = _stop_trunk_gradient(params)
+    r_c, r_r = pair_rewards(nnx.merge(graphdef, params), batch)
+    margin_B = batch["margin"] if "margin" in batch else jnp.zeros(r_c.shape[:1])
+    loss_BK, _ = bradley_terry_loss(
+        r_c,
+        r_r,
+        margin_B=hp.margin_scale * margin_B.astype(jnp.float32)[:, None],
+        label_smoothing=hp.label_smoothing,
+        center_coef=hp.center_coef,
     )
-    state, metrics = apply_gradients(state, grads, objective, hp.lr_scale, hp.debug_nan_step)
-    return state, {**summarize_statistics(sums), **metrics}
-
-
-def reward_eval_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: RewardHParams, *, cfg: RewardConfig
-) -> Metrics:
-    """Sums over one eval batch (valid pairs only); `summarize_eval` turns them into metrics.
-
-    The eval loss is the plain Bradley-Terry NLL (no margin, smoothing or centering), so runs
-    with different training hyperparameters compare on one scale.
-    """
-    del rng, hp
-    r_c, r_r = pair_rewards(state.model(), batch)
-    loss_BK, _ = bradley_terry_loss(r_c, r_r)
-    return pair_statistics(r_c, r_r, loss_BK, batch, cfg.ece_bins, per_head=True)
+    w_BK = pair_weights(batch, cfg, hp.bootstrap_seed)
+    weighted_BK = jnp.where(w_BK > 0, loss_BK * w_BK, 0.0)  # padding rows: 0, never NaN
+    objective = jnp.sum(weighted_BK / totals_K) / cfg.num_heads
+    return objective, pair_statistics(r_c, r_r, loss_BK, batch, cfg.ece_bins)
 
 
 def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:

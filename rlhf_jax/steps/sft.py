@@ -17,46 +17,41 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from rlhf_jax.models import lora
 from rlhf_jax.ops import chunked_token_logprobs, masked_sum
-from rlhf_jax.steps.common import Batch, Metrics, accumulate_gradients, apply_gradients
+from rlhf_jax.steps.algorithm import Algorithm
+from rlhf_jax.steps.common import Batch, Metrics
 from rlhf_jax.steps.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """Static SFT settings (bound with `functools.partial` before `jit`).
+class SFTConfig(Algorithm):
+    """Supervised fine-tuning as an `Algorithm` (static settings; no traced loss hyperparameters).
 
     Attributes:
       grad_accum_steps: micro-batches per step (the batch is split inside the step).
       logits_chunk_size: sequence positions unembedded at a time.
     """
 
-    grad_accum_steps: int = 1
     logits_chunk_size: int = 128
 
+    def loss_sums(self, state, frozen, params, batch, rng, hp, prepared):
+        """Summed completion-token NLL and `tokens`, its denominator."""
+        del frozen, rng, hp, prepared
+        return sft_nll(state.models["policy"].graphdef, params, batch, self.logits_chunk_size)
 
-@struct.dataclass
-class SFTHParams:
-    """Traced SFT hyperparameters: changing them does not recompile the step.
+    def denominator(self, sums):
+        return jnp.maximum(sums["tokens"], 1.0)
 
-    Attributes:
-      lr_scale: multiplies the scheduled learning rate.
-      debug_nan_step: fault injection for tests; the loss and gradients of this step are
-        replaced by NaN (-1: never).
-    """
+    def train_metrics(self, sums, denom):
+        return {"tokens": sums["tokens"]}
 
-    lr_scale: jax.Array
-    debug_nan_step: jax.Array
+    def eval_sums(self, state, frozen, batch, hp):
+        return sft_eval_sums(state, batch, self.logits_chunk_size)
 
-    @classmethod
-    def create(cls, lr_scale: float = 1.0, debug_nan_step: int = -1) -> SFTHParams:
-        return cls(
-            lr_scale=jnp.asarray(lr_scale, jnp.float32),
-            debug_nan_step=jnp.asarray(debug_nan_step, jnp.int32),
-        )
+    def summarize_eval(self, sums):
+        return summarize_eval(sums)
 
 
 def _targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -87,28 +82,6 @@ def sft_nll(
     return -masked_sum(logps_BT, mask_BT), {"tokens": mask_BT.sum()}
 
 
-def sft_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: SFTHParams, *, cfg: SFTConfig
-) -> tuple[TrainState, Metrics]:
-    """One SFT update: mean token NLL over the batch's completion tokens.
-
-    Metrics: `loss`, `tokens`, `grad_norm`, `lr`, `nonfinite/skipped`.
-    """
-    rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params, micro_batch, _rng):
-        with lora.dropout(_rng):  # LoRA adapter dropout (a no-op without it)
-            return sft_nll(state.graphdef, params, micro_batch, cfg.logits_chunk_size)
-
-    grads, nll_sum, aux = accumulate_gradients(
-        loss_fn, state.params, batch, rng, cfg.grad_accum_steps
-    )
-    denom = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    state, metrics = apply_gradients(state, grads, nll_sum / denom, hp.lr_scale, hp.debug_nan_step)
-    return state, {**metrics, "tokens": aux["tokens"]}
-
-
 def _chunked_argmax_hits(
     hidden_BTD: jax.Array, unembed_fn, targets_BT: jax.Array, chunk_size: int
 ) -> jax.Array:
@@ -128,15 +101,11 @@ def _chunked_argmax_hits(
     return hits_NBC.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :T]
 
 
-def sft_eval_step(
-    state: TrainState, batch: Batch, rng: jax.Array, hp: SFTHParams, *, cfg: SFTConfig
-) -> Metrics:
+def sft_eval_sums(state: TrainState, batch: Batch, chunk: int) -> Metrics:
     """Sums over one eval batch (`valid` rows only): `nll_sum`, `correct`, `tokens`."""
-    del rng, hp
-    model = state.model()
+    model = state.models["policy"].module()
     targets_BT, mask_BT = _targets(batch)
     hidden_BTD = _hidden(model, batch)
-    chunk = cfg.logits_chunk_size
     logps_BT = chunked_token_logprobs(hidden_BTD, model.unembed, targets_BT, chunk)
     hits_BT = _chunked_argmax_hits(hidden_BTD, model.unembed, targets_BT, chunk)
     return {

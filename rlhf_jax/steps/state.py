@@ -1,12 +1,12 @@
 """Train-state pytrees shared by every stage, and their sharded creation.
 
-`TrainState` holds what a pure step reads and writes: the step counter, the trainable
-parameters (`nnx.State` from `nnx.split`), the optimiser state, a record of non-finite steps,
-and room for algorithm extras (frozen `ref_params`, an `extra` dict for controller state such as
-an adaptive KL coefficient). The model graphdef, the optax transformation and the learning-rate
+`TrainState` holds what a pure step reads and writes: the iteration counter, the trained models
+by name (`ModelState`: parameters and optimiser state), a record of non-finite steps and an
+`extra` dict for algorithm state such as an adaptive KL coefficient. Models that are only read
+(the DPO reference, PPO's reward model) live in `Frozen`, a separate step argument: never
+donated, never checkpointed. Each model's graphdef, optax transformation and learning-rate
 schedule are static fields: they live in the treedef, so `jit` sees them as compile-time
-constants and never traces them. Inside a loss, rebuild the model with
-`nnx.merge(state.graphdef, params)`.
+constants and never traces them. Inside a loss, `state.models["policy"].module(params)`.
 """
 
 from __future__ import annotations
@@ -62,45 +62,111 @@ def describe_nonfinite_kind(kind: int) -> str:
 
 
 @struct.dataclass
-class TrainState:
-    """Everything a step updates. Pytree fields are arrays; the last three are static."""
+class ModelState:
+    """One trainable model: parameters, optimiser state; graphdef/tx/schedule static."""
 
-    step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
-    nonfinite: NonFiniteStats
-    ref_params: nnx.State | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
-    lr_schedule: optax.Schedule = struct.field(pytree_node=False, default=None)
+    lr_schedule: optax.Schedule | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(
-        cls,
-        *,
-        graphdef: nnx.GraphDef,
-        params: nnx.State,
-        optimizer: Any,
-        ref_params: nnx.State | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> TrainState:
-        """A fresh state at step 0; `optimizer` is a `train.optim.Optimizer` (tx + schedule)."""
+    def create(cls, *, graphdef: nnx.GraphDef, params: nnx.State, optimizer: Any) -> ModelState:
+        """A fresh model; `optimizer` is a `train.optim.Optimizer` (tx + schedule)."""
         return cls(
-            step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.tx.init(params),
-            nonfinite=NonFiniteStats.zeros(),
-            ref_params=ref_params,
-            extra=dict(extra or {}),
             graphdef=graphdef,
             tx=optimizer.tx,
             lr_schedule=optimizer.schedule,
         )
 
-    def model(self, params: nnx.State | None = None) -> nnx.Module:
-        """The NNX module for `params` (default: the trainable ones), for use inside a loss."""
+    def module(self, params: nnx.State | None = None) -> nnx.Module:
+        """The NNX module for `params` (default: this model's), for use inside a loss."""
         return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def apply_gradients(self, grads: Any, *, lr_scale: jax.Array, ok: jax.Array) -> ModelState:
+        """One optax update scaled by the traced `lr_scale`, kept only where `ok` (a traced
+        bool: False leaves parameters and optimiser state bitwise unchanged)."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
+        params = optax.apply_updates(self.params, updates)
+
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        return self.replace(
+            params=keep_if_ok(params, self.params),
+            opt_state=keep_if_ok(opt_state, self.opt_state),
+        )
+
+
+def main_model_name(models: dict[str, Any]) -> str:
+    """The model whose parameters a run directory publishes (`rundir.load_params`):
+    "policy" when there is one, else the only model (a reward-model run's "reward")."""
+    if "policy" in models:
+        return "policy"
+    if len(models) != 1:
+        raise ValueError(f"no 'policy' among the models {sorted(models)}: which one is the main?")
+    return next(iter(models))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step updates (and a checkpoint holds).
+
+    Attributes:
+      step: int32, iterations done (one optimiser step each for SFT, RM and DPO).
+      models: the trained models by name ("policy"; "value" for PPO; "reward" for an RM run).
+      nonfinite: the record of skipped updates.
+      extra: algorithm state that is checkpointed (KL controller, reward normaliser, ...).
+    """
+
+    step: jax.Array
+    models: dict[str, ModelState]
+    nonfinite: NonFiniteStats
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls, models: dict[str, ModelState], extra: dict[str, Any] | None = None
+    ) -> TrainState:
+        """A fresh state at step 0."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            models=dict(models),
+            nonfinite=NonFiniteStats.zeros(),
+            extra=dict(extra or {}),
+        )
+
+    @property
+    def main(self) -> str:
+        return main_model_name(self.models)
+
+    @property
+    def policy(self) -> ModelState:
+        """The main model (`main_model_name`)."""
+        return self.models[self.main]
+
+    def with_model(self, name: str, model: ModelState) -> TrainState:
+        return self.replace(models={**self.models, name: model})
+
+
+@struct.dataclass
+class Frozen:
+    """Models that are read but never trained (the reference policy, a reward model): held
+    sharded beside the state, passed to steps as their own argument, never donated, never
+    checkpointed (a resumed run reloads them from where they came from)."""
+
+    params: dict[str, nnx.State] = dataclasses.field(default_factory=dict)
+    graphdefs: dict[str, nnx.GraphDef] = struct.field(pytree_node=False, default_factory=dict)
+
+    def module(self, name: str) -> nnx.Module:
+        return nnx.merge(self.graphdefs[name], self.params[name])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.params
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -3,10 +3,12 @@
 The run directory around the checkpoints (model.json, loading a run's parameters, the item
 names) is `rlhf_jax.rundir`. A checkpoint `RUN_DIR/checkpoints/<step>/` has four items:
 
-- `params`: the trainable parameters (`TrainState.params`), alone, so other stages can load a
-  policy without knowing the optimiser;
-- `state`: the rest of the `TrainState` (step, optimiser state, non-finite record, reference
-  params, `extra` controller pytree);
+- `params`: the parameters of the state's main model (`TrainState.policy`: the policy, or a
+  reward-model run's reward model), alone, so other stages can load it without knowing the
+  optimiser;
+- `state`: the rest of the `TrainState` (step, other models, optimiser states, non-finite
+  record, `extra` controller pytree). Frozen models (a DPO reference) are not in the state and
+  never saved: a checkpoint holds only what training changes;
 - `aux`: the traced hyperparameters and the base rng's key data;
 - `meta`: JSON: the data iterator's position, host-side controller state (`extra`), the
   metrics at save time.
@@ -64,6 +66,11 @@ def _all_finite(tree: Any) -> jax.Array:
 def all_finite(tree: Any) -> bool:
     """True when every floating-point leaf of `tree` is finite (one device round trip)."""
     return bool(_all_finite(tree))
+
+
+def _without_main_params(state: Any) -> Any:
+    """The state with its main model's params (saved as the `params` item) taken out."""
+    return state.with_model(state.main, state.policy.replace(params=None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -159,8 +166,7 @@ class Checkpointer:
         parameters are not finite or this step is already saved."""
         if step in self.manager.all_steps():
             return False
-        params_like = (state.params, state.ref_params)
-        if not all_finite(params_like):
+        if not all_finite({k: m.params for k, m in state.models.items()}):
             log.error("not saving the checkpoint of step %d: its parameters are not finite", step)
             return False
         # Orbax stores the metrics as JSON beside the checkpoint: pass only the ranking metric,
@@ -169,10 +175,11 @@ class Checkpointer:
         value = (metrics or {}).get(self.best_metric) if self.best_metric else None
         value = None if value is None else float(value)
         metrics = {self.best_metric: value} if value is not None and math.isfinite(value) else None
-        saved = lora.adapters_only(state.params) if self._lora_base() else state.params
+        main = state.policy.params
+        saved = lora.adapters_only(main) if self._lora_base() else main
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(saved),
-            state=ocp.args.StandardSave(state.replace(params=None)),
+            state=ocp.args.StandardSave(_without_main_params(state)),
             aux=ocp.args.StandardSave({"hparams": hparams, "rng": jax.random.key_data(rng)}),
             meta=ocp.args.JsonSave(atomic.strict(dict(meta))),  # strict JSON, as every file
         )
@@ -207,14 +214,15 @@ class Checkpointer:
         }
         errors, bad = [], []
         base_run = self._lora_base()
-        target = lora.adapters_only(abstract_state.params) if base_run else abstract_state.params
+        main = abstract_state.policy.params
+        target = lora.adapters_only(main) if base_run else main
         for step in steps:
             try:
                 r = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(target),
-                        state=ocp.args.StandardRestore(abstract_state.replace(params=None)),
+                        state=ocp.args.StandardRestore(_without_main_params(abstract_state)),
                         aux=ocp.args.StandardRestore(aux_target),
                         meta=ocp.args.JsonRestore(),
                     ),
@@ -233,7 +241,7 @@ class Checkpointer:
             params = r.params
             if base_run:  # adapters from here, the frozen base from the run it started from
                 params = nnx.merge_state(load_params(base_run, mesh=mesh).params, params)
-            state = r.state.replace(params=params)
+            state = r.state.with_model(r.state.main, r.state.policy.replace(params=params))
             rng = jax.random.wrap_key_data(r.aux["rng"], impl=jax.random.key_impl(rng_template))
             return Restored(step, state, r.aux["hparams"], rng, dict(r.meta or {}))
         raise CheckpointRestoreError(

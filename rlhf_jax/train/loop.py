@@ -1,13 +1,17 @@
 """The generic host loop that drives any stage's pure step.
 
 A stage (SFT, reward model, DPO, ...) describes itself with a `LoopSpec`: its step function
-(static config already bound), how to create or restore its state, its traced hyperparameters,
-its data, and optionally an eval function. `train_loop(spec, cfg, ...)` then:
+(static config already bound), how to create or restore its state, its frozen models, its
+traced hyperparameters, its data, and optionally an eval function. `train_loop(spec, cfg, ...)`
+then:
 
 1. restores the newest clean checkpoint of RUN_DIR (state, hparams, rng, data position, host
-   controller state) or initialises the state directly into its shardings;
+   controller state) or initialises the state directly into its shardings, and loads the frozen
+   models (never checkpointed: they are loaded from where they came from every time);
 2. jits the step once, inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`, with
-   explicit in/out shardings and `donate_argnums=0` (a trace counter guards recompilation);
+   explicit in/out shardings and `donate_argnums=0` (the state only: frozen models are never
+   donated; a trace counter guards recompilation). The loop counts iterations; an iteration
+   may take several optimiser steps (`optimizer_steps_per_iteration`);
 3. feeds global batches (`partitioning.make_global_batch`, each process its own rows), shows a
    tqdm bar, logs to metrics.jsonl + TensorBoard, evaluates and checkpoints periodically;
 4. handles faults: SIGTERM -> checkpoint and return (exit 0); non-finite loss/gradients ->
@@ -36,7 +40,7 @@ from tqdm.auto import tqdm
 from rlhf_jax import atomic, partitioning, rundir, settings
 from rlhf_jax.errors import SettingsError
 from rlhf_jax.rundir import CHECKPOINT_DIR
-from rlhf_jax.steps.state import StateFactory, describe_nonfinite_kind
+from rlhf_jax.steps.state import Frozen, StateFactory, describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import Checkpointer, replicated
 from rlhf_jax.train.metrics import MetricsWriter, Throughput, to_python, write_json_atomic
@@ -44,8 +48,8 @@ from rlhf_jax.train.metrics import MetricsWriter, Throughput, to_python, write_j
 log = logging.getLogger(__name__)
 
 HostBatch = dict[str, np.ndarray]
-StepFn = Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]]
-EvalFn = Callable[[Any, dict, jax.Array, Any], dict]
+StepFn = Callable[[Any, Frozen, dict, jax.Array, Any], tuple[Any, dict]]
+EvalFn = Callable[[Any, Frozen, dict, jax.Array, Any], dict]
 
 
 @gin.configurable
@@ -54,7 +58,8 @@ class LoopConfig:
     """Host-loop settings (gin: `LoopConfig.log_every = 10`, ...).
 
     Attributes:
-      train_steps: total optimiser steps of the run (a resumed run stops at the same step).
+      train_steps: total iterations of the run (a resumed run stops at the same one); one
+        optimiser step each for SFT, RM and DPO.
       log_every: steps between metric records (and host syncs).
       eval_every: steps between evals (0: only at the end).
       eval_batches: cap on eval batches per eval (None: the whole eval split).
@@ -123,25 +128,32 @@ class LoopSpec:
     """What a stage hands the loop.
 
     Attributes:
-      step_fn: `(state, batch, rng, hparams) -> (state, metrics)`, pure, static config bound.
+      step_fn: `(state, frozen, batch, rng, hparams) -> (state, metrics)`, pure, static
+        config bound; one iteration.
       state: abstract state with shardings + fresh initialiser (`steps.state.state_factory`).
+      frozen: returns the frozen models (`steps.state.Frozen`, sharded); called on every
+        start, fresh or resumed (None: no frozen models).
       hparams: traced hyperparameters (a pytree of scalars); restored from a checkpoint.
       train_data: iterator of host batches (numpy dicts, this process's rows); if it has
         `state_dict()` / `load_state_dict()` its position is checkpointed, otherwise a resumed
         run skips the batches already consumed.
-      eval_fn: `(state, batch, rng, hparams) -> dict of sums` over one eval batch.
+      eval_fn: `(state, frozen, batch, rng, hparams) -> dict of sums` over one eval batch.
       eval_data: returns a fresh iterable over the eval split each time it is called.
       summarize_eval: host function from summed eval outputs to eval metrics.
       count_tokens: tokens of one host batch (for tokens/s).
       flops_per_batch: model FLOPs of one step on one host batch (for MFU), or None.
       summary_extra: entries added to summary.json (e.g. a baseline).
       host_state / load_host_state: optional JSON state of host-side controllers.
+      eval_hook: `(state, step) -> metrics`, a host-side evaluation run at every eval after
+        `eval_fn` (e.g. `train.eval_hook.SampleEval`: sample, score with judges, write
+        RUN_DIR/samples.jsonl); its metrics are logged under `eval/`.
     """
 
     step_fn: StepFn
     state: StateFactory
     hparams: Any
     train_data: Iterator[HostBatch]
+    frozen: Callable[[], Frozen] | None = None
     eval_fn: EvalFn | None = None
     eval_data: Callable[[], Iterable[HostBatch]] | None = None
     summarize_eval: Callable[[dict[str, Any]], dict[str, Any]] = dict
@@ -150,6 +162,7 @@ class LoopSpec:
     summary_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     host_state: Callable[[], dict[str, Any]] | None = None
     load_host_state: Callable[[dict[str, Any]], None] | None = None
+    eval_hook: Callable[[Any, int], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -216,6 +229,7 @@ class _Run:
     # ---------------------------------------------------------------- start / resume
     def start(self) -> None:
         spec = self.spec
+        self.frozen = spec.frozen() if spec.frozen is not None else Frozen()
         restored = self.ckpt.restore(
             spec.state.abstract, spec.hparams, self.base_rng, self.mesh, self.check_meta
         )
@@ -261,24 +275,43 @@ class _Run:
         log.info("resumed from the checkpoint of step %d in %s", self.step, self.ckpt.directory)
 
     # ---------------------------------------------------------------- compiled functions
+    @property
+    def frozen_shardings(self) -> Any:
+        return jax.tree.map(lambda x: x.sharding, self.frozen)
+
     def _batch_shardings(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         return {k: partitioning.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
     def compile_step(self, batch: dict[str, jax.Array]) -> None:
-        def counted(state, batch, rng, hp):
+        def counted(state, frozen, batch, rng, hp):
             self.step_traces += 1  # runs at trace time only
-            return self.spec.step_fn(state, batch, rng, hp)
+            return self.spec.step_fn(state, frozen, batch, rng, hp)
 
         state_sh = self.spec.state.shardings
         hp_sh = jax.tree.map(lambda _: self.rep, self.hp)
         self.jstep = jax.jit(
             counted,
-            in_shardings=(state_sh, self._batch_shardings(batch), self.rep, hp_sh),
+            in_shardings=(
+                state_sh,
+                self.frozen_shardings,
+                self._batch_shardings(batch),
+                self.rep,
+                hp_sh,
+            ),  # fmt: skip
             out_shardings=(state_sh, self.rep),
             donate_argnums=0,
         )
 
     def evaluate(self) -> dict[str, float]:
+        metrics = self._eval_sums()
+        if self.spec.eval_hook is not None:
+            hook = self.spec.eval_hook(self.state, self.step)
+            metrics.update({f"eval/{k}": v for k, v in hook.items()})
+        if metrics:
+            self.last_eval = metrics
+        return metrics
+
+    def _eval_sums(self) -> dict[str, float]:
         spec = self.spec
         if spec.eval_fn is None or spec.eval_data is None:
             return {}
@@ -290,16 +323,16 @@ class _Run:
             batch = partitioning.make_global_batch(local, self.mesh)
             if self.jeval is None:  # one jitted function for the whole run
                 hp_sh = jax.tree.map(lambda _: self.rep, self.hp)
-                shardings = (spec.state.shardings, self._batch_shardings(batch), self.rep, hp_sh)
+                shardings = (spec.state.shardings, self.frozen_shardings,
+                             self._batch_shardings(batch), self.rep, hp_sh)  # fmt: skip
                 self.jeval = jax.jit(spec.eval_fn, in_shardings=shardings, out_shardings=self.rep)
-            out = self.jeval(self.state, batch, rng, self.hp)
+            out = self.jeval(self.state, self.frozen, batch, rng, self.hp)
             totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
             n += 1
         if totals is None:
             return {}
         sums = {k: to_python(v) for k, v in jax.device_get(totals).items()}
-        self.last_eval = {f"eval/{k}": v for k, v in spec.summarize_eval(sums).items()}
-        return self.last_eval
+        return {f"eval/{k}": v for k, v in spec.summarize_eval(sums).items()}
 
     # ---------------------------------------------------------------- faults / checkpoints
     def check_nonfinite(self) -> None:
@@ -420,7 +453,7 @@ class _Run:
         if first_call:
             self.compile_step(batch)
         self.batch_shapes.add(tuple((k, v.shape) for k, v in sorted(batch.items())))
-        self.state, self.metrics = self.jstep(self.state, batch, self.rng, self.hp)
+        self.state, self.metrics = self.jstep(self.state, self.frozen, batch, self.rng, self.hp)
         self.step += 1
         if first_call:
             thr.reset()  # that call compiled: keep it out of the throughput
@@ -445,7 +478,7 @@ class _Run:
             thr.reset()  # the blocking part of a save is not training time either
 
     def finish(self, wall_s: float) -> LoopResult:
-        if not self.last_eval and self.spec.eval_fn is not None:
+        if not self.last_eval and (self.spec.eval_fn or self.spec.eval_hook) is not None:
             self.evaluate()
         summary = {
             "status": "done",
@@ -481,7 +514,7 @@ def train_loop(
 
     The caller holds the run-directory lock (`faults.RunLock`). Returns a `LoopResult`; raises
     `faults.NonFiniteError` under the "halt" policy and
-    `checkpoint.CheckpointRestoreError` when checkpoints exist but none restores.
+    `rundir.CheckpointRestoreError` when checkpoints exist but none restores.
     """
     run_dir = Path(run_dir)
     if logging.getLogger("absl").level == logging.NOTSET:

@@ -47,7 +47,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rlhf_jax import atomic, partitioning
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
-from rlhf_jax.rundir import CHECKPOINT_DIR, MODEL_INFO, resolve_run_dir
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.rundir import CHECKPOINT_DIR, MODEL_INFO, load_params, resolve_run_dir
 from rlhf_jax.steps.dpo import REF_FIELDS, pair_sequence_logps
 
 log = logging.getLogger(__name__)
@@ -367,3 +368,83 @@ def with_reference(it: BatchIterator, chosen: np.ndarray, rejected: np.ndarray) 
         process_count=it.process_count,
         repeat=it.repeat,
     )
+
+
+def length_settings(
+    buckets: Sequence[int], max_len: int | None, max_prompt_len: int | None, on_long_prompt: str
+) -> dict[str, Any]:
+    """The length settings of preference pairs as they enter the cache key (defaults filled)."""
+    top = max(buckets)
+    max_len = top if max_len is None else max_len
+    return {
+        "max_len": max_len,
+        "max_prompt_len": max_len // 2 if max_prompt_len is None else max_prompt_len,
+        "buckets": sorted(int(b) for b in buckets),
+        "on_long_prompt": on_long_prompt,
+    }
+
+
+def precompute_reference(
+    splits: dict[str, BatchIterator],
+    *,
+    cache_dir: str,
+    lengths: dict[str, Any],
+    init_from: str | None,
+    fresh_params: Callable[[], Any],
+    graphdef: Any,
+    model_cfg: ModelConfig,
+    batch_size: int,
+    mesh,
+    rules,
+    chunk_size: int,
+) -> tuple[dict[str, BatchIterator], dict[str, Any]]:
+    """Attaches cached (or newly computed) reference log-probs to each split's iterator.
+
+    The reference is the checkpoint `init_from` (hashed as files; loaded only on a cache miss)
+    or, without one, the freshly initialised policy (`fresh_params()`, hashed as bytes with
+    `model_cfg`).
+
+    Returns:
+      The wrapped iterators, and summary entries `ref_cache/hit` (every split read from the
+      cache) and `ref_cache/<split>_key`.
+    """
+    cache = ReferenceCache(cache_dir)
+    loaded: dict[str, Any] = {}
+
+    if init_from is not None:
+        step_dir = checkpoint_step_dir(init_from)
+        fingerprint = hash_checkpoint(step_dir)
+
+        def reference_params():
+            if "params" not in loaded:
+                ref = load_params(init_from, mesh=mesh, rules=rules, step=int(step_dir.name))
+                loaded["params"], loaded["graphdef"] = ref.params, ref.graphdef
+            return loaded["graphdef"], loaded["params"]
+    else:
+        loaded["params"], loaded["graphdef"] = fresh_params(), graphdef
+        model = {"model_config": dataclasses.asdict(model_cfg)}
+        fingerprint = hash_params(loaded["params"], model)
+
+        def reference_params():
+            return loaded["graphdef"], loaded["params"]
+
+    out, info, hits = {}, {}, []
+    for name, it in splits.items():
+        data_hash = hash_examples(it.examples)
+        key = cache_key(reference=fingerprint, data=data_hash, lengths=lengths)
+
+        def compute(examples=it.examples):
+            g, p = reference_params()
+            return compute_reference_logps(
+                g, p, examples, batch_size=batch_size, buckets=lengths["buckets"],
+                mesh=mesh, rules=rules, chunk_size=chunk_size,
+            )  # fmt: skip
+
+        meta = {"reference": fingerprint, "reference_path": str(init_from), "data": data_hash,
+                "lengths": lengths, "split": name}  # fmt: skip
+        entry = cache.get_or_compute(key, compute, num_examples=len(it.examples), meta=meta)
+        out[name] = with_reference(it, entry.chosen, entry.rejected)
+        info[f"ref_cache/{name}_key"] = key
+        hits.append(entry.hit)
+    info["ref_cache/hit"] = all(hits)
+    return out, info

@@ -1,14 +1,15 @@
-"""Building blocks that every stage's wiring shares (SFT now; reward model and DPO next).
+"""Building blocks that every stage's wiring shares (SFT, reward model, DPO).
 
 A stage function (gin-configurable, bound as `train.stage = @..._stage`) typically:
 
 1. takes the run-directory lock (`faults.RunLock`);
 2. builds the mesh and rules (`partitioning.make_mesh()`, `logical_rules()`), its data, and its
    `ModelConfig` (checked against the tokenizer and sequence length here);
-3. builds the optimiser (`build_optimizer`) and a `StateFactory` (`model_state_factory`), then
-   records the model in RUN_DIR/model.json (`checkpoint.write_model_info`);
-4. binds its static step config with `functools.partial` and calls `loop.train_loop` with a
-   `LoopSpec`.
+3. builds the optimiser (`build_optimizer`), a `StateFactory` of its trained models
+   (`model_state_factory`) and a loader of its frozen ones (`frozen_models`), then records the
+   model in RUN_DIR/model.json (`rundir.write_model_info`);
+4. binds its algorithm (`steps.algorithm`) to the generic `train_step` / `eval_step` with
+   `functools.partial` and calls `loop.train_loop` with a `LoopSpec`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rlhf_jax.rundir import (
     model_record,
     write_model_info,
 )
-from rlhf_jax.steps.state import StateFactory, TrainState, state_factory
+from rlhf_jax.steps.state import Frozen, ModelState, StateFactory, TrainState, state_factory
 from rlhf_jax.train.optim import Optimizer, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def check_stage_settings(
     """The settings every stage shares, checked before the lock is taken or anything loads.
 
     Raises:
-      errors.SettingsError / checkpoint.NotARunDirError: naming the setting.
+      errors.SettingsError / rundir.NotARunDirError: naming the setting.
     """
     settings.run_dir(f"{stage}.run_dir (RUN_DIR)", run_dir)
     settings.integer(f"{stage}.seed (SEED)", seed)
@@ -147,7 +148,8 @@ def truncation_summary(stats_by_split: dict[str, dict[str, int] | None]) -> dict
     return out
 
 
-def _is_bound(selector: str) -> bool:
+def is_bound(selector: str) -> bool:
+    """Whether gin binds `selector` (e.g. "make_optimizer.total_steps")."""
     try:
         gin.query_parameter(selector)
     except ValueError:
@@ -157,7 +159,7 @@ def _is_bound(selector: str) -> bool:
 
 def build_optimizer(train_steps: int, builder: Callable[..., Optimizer] = make_optimizer):
     """The gin-configured optimiser; its schedule spans the run unless gin sets total_steps."""
-    if _is_bound("make_optimizer.total_steps"):
+    if is_bound("make_optimizer.total_steps"):
         return builder()
     return builder(total_steps=train_steps)
 
@@ -172,10 +174,11 @@ def model_state_factory(
     model_class: str = "Transformer",
     model_kwargs: dict[str, Any] | None = None,
     init_from: str | None = None,
-    with_ref: bool = False,
+    name: str = "policy",
     extra: dict[str, Any] | None = None,
 ) -> tuple[StateFactory, nnx.GraphDef]:
-    """Abstract + sharded-init `TrainState` for a model, optionally initialised from a run.
+    """Abstract + sharded-init `TrainState` of one trained model (`name`), optionally
+    initialised from a run.
 
     Args:
       cfg: the model config.
@@ -186,7 +189,7 @@ def model_state_factory(
       model_kwargs: extra constructor arguments (e.g. `num_heads` of a ScalarModel).
       init_from: a run or checkpoint directory whose params initialise the model (only used
         when the run starts fresh; a resumed run restores its own checkpoint).
-      with_ref: also keep a frozen copy of the initial params in `ref_params` (DPO, PPO).
+      name: the model's name in `TrainState.models`.
       extra: initial `TrainState.extra` (controller state arrays).
 
     Returns:
@@ -196,13 +199,8 @@ def model_state_factory(
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs)))
 
     def from_params(params: nnx.State) -> TrainState:
-        return TrainState.create(
-            graphdef=graphdef,
-            params=params,
-            optimizer=optimizer,
-            ref_params=params if with_ref else None,
-            extra=extra,
-        )
+        model = ModelState.create(graphdef=graphdef, params=params, optimizer=optimizer)
+        return TrainState.create({name: model}, extra=extra)
 
     def create(key: jax.Array) -> TrainState:
         return from_params(nnx.state(cls(cfg, rngs=nnx.Rngs(key), **kwargs), nnx.Param))
@@ -222,3 +220,28 @@ def model_state_factory(
             return jax.jit(from_params, out_shardings=factory.shardings)(params)
 
     return dataclasses.replace(factory, init=init_from_checkpoint), graphdef
+
+
+def frozen_models(
+    name: str,
+    *,
+    init_from: str | None,
+    mesh: Mesh,
+    rules,
+    fresh: Callable[[], tuple[nnx.GraphDef, nnx.State]] | None = None,
+) -> Callable[[], Frozen]:
+    """A loader of one frozen model `name` (e.g. "ref"): the parameters of the run or checkpoint
+    `init_from`, sharded, or `fresh()` without one. Called on every start, so a resumed run
+    reads them again instead of keeping them in its checkpoints."""
+
+    def load() -> Frozen:
+        if init_from is None:
+            if fresh is None:
+                raise ValueError(f"the frozen model {name!r} needs init_from")
+            graphdef, params = fresh()
+        else:
+            loaded = load_params(init_from, mesh=mesh, rules=rules)
+            graphdef, params = loaded.graphdef, loaded.params
+        return Frozen(params={name: params}, graphdefs={name: graphdef})
+
+    return load

@@ -9,7 +9,9 @@ import json
 import math
 
 import gin
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from rlhf_jax import cli
 from rlhf_jax.train import ref_cache
@@ -90,10 +92,19 @@ def test_cache_reuse_resume_and_nan_skip(sft_run, reviews, tmp_path, monkeypatch
     assert a["eval/pairs"] > 0 and 0.0 <= a["eval/rewards/accuracies"] <= 1.0
 
 
+def _array_bytes(step_dir, item: str) -> int:
+    """Bytes of the arrays of one checkpoint item, from orbax's metadata (not directory sizes,
+    which vary with orbax's own files)."""
+    meta = ocp.StandardCheckpointer().metadata(step_dir / item)
+    tree = getattr(meta, "item_metadata", meta)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
 def test_params_reference_mode(sft_run, reviews, tmp_path):
     _, prefs, _ = reviews
-    s = _train(tmp_path / "p", sft_run, prefs, tmp_path / "cache", "--gin.REFERENCE='params'",
-               "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_EVERY=0")  # fmt: skip
+    args = ("--gin.REFERENCE='params'", "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_EVERY=2")
+    s = _train(tmp_path / "p", sft_run, prefs, tmp_path / "cache", *args)
     assert s["status"] == "done" and "ref_cache/hit" not in s
     assert not (tmp_path / "cache").exists()
     first = read_metrics(tmp_path / "p")[0]
@@ -102,3 +113,18 @@ def test_params_reference_mode(sft_run, reviews, tmp_path):
     assert s["train/rewards/margins"] > 0 and math.isfinite(s["eval/kl/implicit"])
     model = json.loads((tmp_path / "p" / "model.json").read_text())
     assert model["tokenizer"] == json.loads((sft_run / "model.json").read_text())["tokenizer"]
+    # The frozen reference is never checkpointed: the DPO checkpoint holds what the SFT one
+    # holds (policy, AdamW state), not a second copy of the SFT weights.
+    dpo_step, sft_step = tmp_path / "p" / "checkpoints" / "4", sft_run / "checkpoints" / "4"
+    params = _array_bytes(sft_step, "params")
+    assert _array_bytes(dpo_step, "params") == params
+    dpo_state, sft_state = _array_bytes(dpo_step, "state"), _array_bytes(sft_step, "state")
+    assert abs(dpo_state - sft_state) < params / 2, (dpo_state, sft_state, params)
+    # Preempted after step 2 and resumed: the frozen reference is loaded again from the SFT
+    # run, and the run is bitwise the uninterrupted one.
+    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=2")
+    assert _train(tmp_path / "q", sft_run, prefs, tmp_path / "cache", *args, *stop) is None
+    q = _train(tmp_path / "q", sft_run, prefs, tmp_path / "cache", *args)
+    lp, lq = read_metrics(tmp_path / "p"), read_metrics(tmp_path / "q")
+    assert [r["train/loss"] for r in lq] == [r["train/loss"] for r in lp]
+    assert q["eval/loss"] == s["eval/loss"] and q["train/kl/implicit"] == s["train/kl/implicit"]

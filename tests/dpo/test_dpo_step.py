@@ -1,27 +1,19 @@
 """The DPO step on the tiny model: loss moves the right way, reference modes agree, reference-free
-types need no reference, 1 device equals a 2x2x2 mesh, accumulation is exact, traced
-hyperparameters never recompile, NaN steps are skipped, eval sums ignore padding rows."""
+types need no reference, mixes report their components. (Accumulation, one trace, NaN skip, mesh
+independence and padding rows: tests/train/test_algorithm_contract.py.)"""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dpo_helpers import cached_dpo_step, jit_step, make_pair_batch, mesh, tiny_state
+from dpo_helpers import cached_dpo_step, make_pair_batch, mesh, tiny_state
 
 from rlhf_jax import partitioning
 from rlhf_jax.data.examples import TokenizedDataset
-from rlhf_jax.steps.dpo import (
-    DPOConfig,
-    DPOHParams,
-    dpo_eval_step,
-    interleave_pairs,
-    pair_sequence_logps,
-    summarize_eval,
-)
+from rlhf_jax.steps.algorithm import HParams
+from rlhf_jax.steps.dpo import DPOConfig, DPOHParams, interleave_pairs
 from rlhf_jax.train.ref_cache import compute_reference_logps
 
 RNG = jax.random.key(0)
@@ -32,12 +24,12 @@ DEFAULT = DPOConfig()
 
 def _run(cfg, batches, hp=None, *, mesh_name="1", with_ref=True):
     """Steps from the shared initial state; returns the final state and per-step metrics."""
-    state, _ = tiny_state(mesh_name, with_ref=with_ref)
-    step, _ = cached_dpo_step(cfg, mesh_name, with_ref)
-    hp = hp or DPOHParams.create(num_loss_types=len(cfg.loss_types))
+    state, frozen = tiny_state(mesh_name, with_ref=with_ref)
+    step, _ = cached_dpo_step(cfg, mesh_name)
+    hp = HParams.create(hp or DPOHParams.create(num_loss_types=len(cfg.loss_types)))
     history = []
     for batch in batches:
-        state, metrics = step(state, batch, RNG, hp)
+        state, metrics = step(state, frozen, batch, hp, RNG)
         history.append(jax.device_get(metrics))
     return state, history
 
@@ -87,22 +79,21 @@ def _as_examples(batch) -> TokenizedDataset:
 
 def test_precomputed_reference_equals_params_reference():
     batch = make_pair_batch(2)
-    state, graphdef = tiny_state("1")
+    _, frozen = tiny_state("1")
     # Computed with another batching (3 rows, padded last batch, a longer bucket).
     chosen, rejected = compute_reference_logps(
-        graphdef, state.ref_params, _as_examples(batch), batch_size=3, buckets=(32,),
-        mesh=mesh("1"), rules=partitioning.logical_rules(),
+        frozen.graphdefs["ref"], frozen.params["ref"], _as_examples(batch), batch_size=3,
+        buckets=(32,), mesh=mesh("1"), rules=partitioning.logical_rules(),
     )  # fmt: skip
     pre = dict(batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
     s_par, h_par = _run(DEFAULT, [batch] * 3)
     s_pre, h_pre = _run(DPOConfig(reference="precomputed"), [pre] * 3, with_ref=False)
-    assert s_pre.ref_params is None
     for i, (a, b) in enumerate(zip(h_par, h_pre, strict=True)):
         for k in METRICS:
             if k == "rewards/accuracies" and i == 0:
                 continue  # at step 0 every reward is 0 up to rounding: accuracy is noise
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
-    _close_trees(s_par.params, s_pre.params, rtol=1e-4, atol=5e-5)
+    _close_trees(s_par.policy.params, s_pre.policy.params, rtol=1e-4, atol=5e-5)
 
 
 def test_precomputed_mode_requires_the_fields():
@@ -111,12 +102,11 @@ def test_precomputed_mode_requires_the_fields():
 
 
 def test_reference_free_types_run_without_reference():
-    # A SimPO + ORPO mix: both reference-free; no reference fields, no ref_params.
+    # A SimPO + ORPO mix: both reference-free; no reference fields, no frozen reference.
     cfg = DPOConfig(loss_type=("simpo", "orpo"), reference="precomputed")
     assert not cfg.needs_reference and not cfg.uses_ref_params
     hp = DPOHParams.create(num_loss_types=2, beta=2.0, gamma=0.5, orpo_lambda=0.5)
-    state, hist = _run(cfg, [make_pair_batch(3)] * 4, hp, with_ref=False)
-    assert state.ref_params is None
+    _, hist = _run(cfg, [make_pair_batch(3)] * 4, hp, with_ref=False)
     assert "kl/implicit" not in hist[0]
     for h in hist:
         assert np.isfinite(h["loss/simpo"]) and np.isfinite(h["loss/orpo"])
@@ -133,71 +123,6 @@ def test_mixture_and_rpo_report_components():
     mix = 0.8 * m["loss/sigmoid"] + 0.2 * m["loss/bco_pair"] + m["loss/ipo"]
     assert m["rpo/nll"] > 0
     np.testing.assert_allclose(m["loss"], mix + 0.5 * m["rpo/nll"], rtol=1e-5)
-
-
-def test_sharded_step_equals_single_device():
-    batches = [make_pair_batch(5), make_pair_batch(6)]
-    s1, h1 = _run(DEFAULT, batches, mesh_name="1")
-    s8, h8 = _run(DEFAULT, batches, mesh_name="8")
-    for a, b in zip(h1, h8, strict=True):
-        for k in (*METRICS, "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    _close_trees(s1.params, s8.params, rtol=1e-4, atol=5e-5)
-    sharded = [x for x in jax.tree.leaves(s8.params) if not x.sharding.is_fully_replicated]
-    assert sharded, "the 2x2x2 run should shard some parameters"
-
-
-def test_grad_accumulation_is_exact():
-    batch = make_pair_batch(7)
-    s1, h1 = _run(DEFAULT, [batch])
-    s2, h2 = _run(DPOConfig(grad_accum_steps=2), [batch])
-    for k in (*METRICS, "grad_norm"):
-        np.testing.assert_allclose(h1[0][k], h2[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
-    _close_trees(s1.params, s2.params, rtol=1e-4, atol=5e-5)
-
-
-def test_traced_hparams_compile_once():
-    state, _ = tiny_state("1")
-    step, traces = cached_dpo_step(DEFAULT, "1")
-    batch = make_pair_batch(8)
-    losses = []
-    for beta, ls in ((0.05, 0.0), (0.1, 0.1), (0.5, 0.2), (1.0, 0.0)):
-        hp = DPOHParams.create(beta=beta, label_smoothing=ls, gamma=beta, tau=beta,
-                               orpo_lambda=beta, lr_scale=0.0)  # fmt: skip
-        state, m = step(state, batch, RNG, hp)
-        losses.append(float(m["loss"]))
-    assert len(traces) == 1  # shared with the other tests: still one trace in the session
-    # lr_scale 0 keeps policy == reference, so every loss is log 2 whatever beta and eps.
-    np.testing.assert_allclose(losses, np.log(2.0), rtol=1e-5)
-
-
-def test_nan_step_is_skipped():
-    hp = DPOHParams.create(debug_nan_step=1)
-    state, hist = _run(DEFAULT, [make_pair_batch(9)] * 3, hp)
-    assert np.isnan(hist[1]["loss"]) and np.isfinite(hist[2]["loss"])
-    assert int(hist[2]["nonfinite/skipped"]) == 1 and int(state.nonfinite.last_step) == 1
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
-
-
-def test_eval_step_ignores_padding_rows():
-    state, _ = tiny_state("1")
-    batch = make_pair_batch(10)
-    evaluate = jit_step(functools.partial(dpo_eval_step, cfg=DEFAULT), "1", step=False)
-    hp = DPOHParams.create()
-
-    def sums(valid):
-        out = evaluate(state, dict(batch, valid=np.asarray(valid, np.int32)), RNG, hp)
-        return {k: float(v) for k, v in jax.device_get(out).items()}
-
-    full, half = sums([1] * 8), sums([1] * 4 + [0] * 4)
-    assert full["pairs"] == 8 and half["pairs"] == 4
-    top = {k: jnp.asarray(v[:4]) for k, v in batch.items()}
-    logps, lengths = pair_sequence_logps(state.graphdef, state.params, top, 8)
-    np.testing.assert_allclose(half["lengths/chosen"], float(lengths[:, 0].sum()), rtol=1e-6)
-    np.testing.assert_allclose(half["logps/chosen"], float(logps[:, 0].sum()), rtol=1e-4)
-    summary = summarize_eval(half)
-    np.testing.assert_allclose(summary["loss"], np.log(2.0), rtol=1e-5)
-    assert summary["pairs"] == 4.0
 
 
 def test_config_validation():

@@ -15,7 +15,6 @@ from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.models import model_config
 from rlhf_jax.train import ref_cache
-from rlhf_jax.train.dpo import precompute_reference
 from rlhf_jax.train.ref_cache import (
     ReferenceCache,
     cache_key,
@@ -23,6 +22,7 @@ from rlhf_jax.train.ref_cache import (
     hash_checkpoint,
     hash_examples,
     hash_params,
+    precompute_reference,
     with_reference,
 )
 
@@ -132,14 +132,15 @@ def test_iterator_carries_reference_fields():
 
 
 def test_precompute_reference_without_checkpoint(tmp_path):
-    state, graphdef = tiny_state("1")
+    _, frozen = tiny_state("1")
+    graphdef = frozen.graphdefs["ref"]
     ex = _examples(6)
     splits = {
         "train": BatchIterator(ex, 4, (16,), seed=1),
         "eval": BatchIterator.for_eval(ex, 4, (16,)),
     }
     kwargs = dict(cache_dir=str(tmp_path), lengths=LENGTHS, init_from=None,
-                  fresh_params=lambda: state.ref_params, graphdef=graphdef,
+                  fresh_params=lambda: frozen.params["ref"], graphdef=graphdef,
                   model_cfg=model_config("tiny", vocab_size=64, max_seq_len=32), batch_size=4,
                   mesh=mesh("1"), rules=partitioning.logical_rules(), chunk_size=8)  # fmt: skip
     out, info = precompute_reference(dict(splits), **kwargs)

@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import algo_helpers
 import jax
 import numpy as np
 import pandas as pd
 from flax import nnx
 
 from rlhf_jax import partitioning
-from rlhf_jax.models import model_config
 from rlhf_jax.rundir import write_model_info
-from rlhf_jax.steps.sft import SFTHParams
+from rlhf_jax.steps.algorithm import HParams
 from rlhf_jax.train import stages
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.optim import make_optimizer
 
 VOCAB, SEQ = 64, 16
-TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
+tiny_config = algo_helpers.tiny_config
 
 
 def write_review_preferences(
@@ -84,32 +84,8 @@ def write_review_preferences(
 
 
 def make_pair_batch(seed: int, rows: int = 8, seq: int = SEQ, vocab: int = VOCAB) -> dict:
-    """A random right-padded preference batch (shared prompts) with gold columns."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    prompt_len = rng.integers(2, 5, size=rows)
-    prompts = rng.integers(3, vocab, size=(rows, seq))
-    for side in ("chosen", "rejected"):
-        ids = np.zeros((rows, seq), np.int32)
-        attn = np.zeros((rows, seq), np.int32)
-        for r in range(rows):
-            n = int(rng.integers(prompt_len[r] + 2, seq + 1))
-            ids[r, :n] = rng.integers(3, vocab, size=n)
-            ids[r, : prompt_len[r]] = prompts[r, : prompt_len[r]]
-            ids[r, 0] = 1
-            attn[r, :n] = 1
-        out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = ids, attn
-        out[f"{side}_loss_mask"] = attn.copy()
-    out["margin"] = rng.random(rows).astype(np.float32)
-    out["valid"] = np.ones((rows,), np.int32)
-    out["chosen_score"] = rng.normal(size=rows).astype(np.float32)
-    out["rejected_score"] = rng.normal(size=rows).astype(np.float32)
-    out["label_prob"] = rng.random(rows).astype(np.float32)
-    return out
-
-
-def tiny_config(vocab: int = VOCAB, max_seq_len: int = 32, **overrides):
-    return model_config("tiny", vocab_size=vocab, max_seq_len=max_seq_len, **{**TINY, **overrides})
+    """`algo_helpers.make_pair_batch` at the reward tests' sequence length."""
+    return algo_helpers.make_pair_batch(seed, rows=rows, seq=seq, vocab=vocab)
 
 
 def write_sft_run(run_dir: Path, cfg, tokenizer_path: str | None, seed: int = 7) -> Path:
@@ -121,7 +97,7 @@ def write_sft_run(run_dir: Path, cfg, tokenizer_path: str | None, seed: int = 7)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = factory.init()
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(3, state, hparams=SFTHParams.create(), rng=jax.random.key(0), meta={})
+    ckpt.save(3, state, hparams=HParams.create(), rng=jax.random.key(0), meta={})
     ckpt.close()
     write_model_info(run_dir, cfg, tokenizer_path=tokenizer_path)
     return run_dir
@@ -144,7 +120,7 @@ def rm_cli_args(run: Path, prefs: Path, sft_run: Path) -> list[str]:
         "--gin.BATCH_SIZE=16",
         "--gin.EVAL_EVERY=0",
         "--gin.CHECKPOINT_EVERY=0",
-        "--gin.RM_BUCKETS=(48,)",
+        "--gin.BUCKETS=(48,)",
         f"--gin.reward_stage.debug_nan_step={RM_NAN_STEP}",
         "--gin.LoopConfig.progress_bar=False",
         "--gin.LoopConfig.async_checkpointing=False",

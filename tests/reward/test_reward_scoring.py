@@ -22,7 +22,8 @@ from rlhf_jax.reward_scoring import (
 )
 from rlhf_jax.steps.reward import ensemble_rewards, make_reward_fn
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.reward import reward_preference_data, reward_state_factory
+from rlhf_jax.train.pairs import reward_preference_data
+from rlhf_jax.train.reward_init import reward_state_factory
 
 K, V = 3, 64
 
@@ -35,7 +36,7 @@ def sharded_model():
         tiny_config(), make_optimizer(schedule="constant"), mesh, rules, seed=3, num_heads=K
     )
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        params = factory.init().params
+        params = factory.init().policy.params
     single = jax.device_put(jax.tree.map(np.asarray, params), jax.devices()[0])
     return mesh, graphdef, params, single
 
@@ -129,7 +130,7 @@ def test_scorer_from_run_dir_normalizes_the_reference_sample(rm_run, rm_prefs):
     data = reward_preference_data(16, tokenizer=scorer.tokenizer, source=rm_prefs[0],
                                   buckets=(48,))  # fmt: skip
     seqs = []
-    for batch in data.eval():
+    for batch in data.eval:
         for side in ("chosen", "rejected"):
             for ids, m, v in zip(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
                                  batch["valid"], strict=True):  # fmt: skip

@@ -20,11 +20,8 @@ from rlhf_jax.rundir import load_params, read_model_info
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import read_metrics
 from rlhf_jax.train.optim import make_optimizer
-from rlhf_jax.train.reward import (
-    policy_to_reward_params,
-    reward_preference_data,
-    reward_state_factory,
-)
+from rlhf_jax.train.pairs import reward_preference_data
+from rlhf_jax.train.reward_init import policy_to_reward_params, reward_state_factory
 
 
 def test_cli_run_reports_metrics_and_writes_the_run_dir(rm_run, rm_prefs, rm_sft_run):
@@ -55,7 +52,7 @@ def test_init_from_sft_maps_trunk_params_exactly(rm_sft_run):
     factory, _ = reward_state_factory(cfg, optimizer, mesh, rules, num_heads=2,
                                       init_from=str(rm_sft_run))  # fmt: skip
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        params = nnx.to_pure_dict(factory.init().params)
+        params = nnx.to_pure_dict(factory.init().policy.params)
     policy = nnx.to_pure_dict(load_params(rm_sft_run, mesh=mesh, rules=rules).params)
     assert set(policy) == set(params["trunk"])  # tied embeddings: no lm_head to drop
     jax.tree.map(np.testing.assert_array_equal, params["trunk"], policy)

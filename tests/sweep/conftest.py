@@ -1,29 +1,16 @@
 """Fixtures of the sweep tests: one tiny real DPO sweep per session (three points of four steps
-on the tiny model, plus one point that fails), built on the DPO tests' reviews preference pairs
-and short SFT run (the same fixtures, sharing their session folder, so a full run builds them
+on the tiny model, plus one point that fails), built on the session's reviews preference pairs
+and short SFT run (tests/conftest.py: the DPO tests' fixtures, so a full run builds them
 once)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from support import file_lock
-
-# The DPO tests' data fixtures, imported under a unique name (never as "conftest").
-_spec = importlib.util.spec_from_file_location(
-    "dpo_conftest_for_sweeps", Path(__file__).resolve().parents[1] / "dpo" / "conftest.py"
-)
-_dpo = importlib.util.module_from_spec(_spec)
-import sys  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dpo"))
-_spec.loader.exec_module(_dpo)
-shared_dir = _dpo.shared_dir
-reviews = _dpo.reviews
-sft_run = _dpo.sft_run
 
 REPO = Path(__file__).resolve().parents[2]
 DPO_GIN = "gin/experiments/dpo_reviews_tiny.gin"

@@ -19,7 +19,7 @@ from rlhf_jax.rundir import (
     read_model_info,
     write_model_info,
 )
-from rlhf_jax.steps.sft import SFTHParams
+from rlhf_jax.steps.algorithm import HParams
 from rlhf_jax.train.checkpoint import BAD_CHECKPOINT_DIR, Checkpointer
 from rlhf_jax.train.optim import make_optimizer
 from rlhf_jax.train.stages import model_state_factory
@@ -27,7 +27,11 @@ from rlhf_jax.train.stages import model_state_factory
 CFG = model_config(
     "tiny", vocab_size=48, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16
 )
-HP = SFTHParams.create(lr_scale=0.5, debug_nan_step=-1)
+HP = HParams.create(lr_scale=0.5, debug_nan_step=-1)
+
+
+def _with_params(state, params):
+    return state.with_model("policy", state.policy.replace(params=params))
 
 
 def _factory(mesh_shape, n_devices):
@@ -44,8 +48,8 @@ def sharded():
     mesh, rules, factory = _factory((2, 2, 2), 8)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = factory.init()
-        params = jax.tree.map(lambda x: x + 0.25, state.params)
-        state = state.replace(params=params, step=jnp.asarray(7, jnp.int32))
+        params = jax.tree.map(lambda x: x + 0.25, state.policy.params)
+        state = _with_params(state, params).replace(step=jnp.asarray(7, jnp.int32))
     return mesh, rules, factory, state
 
 
@@ -73,13 +77,15 @@ def test_round_trip(tmp_path, sharded):
     ckpt.close()
     assert r.step == 7 and int(r.state.step) == 7
     assert r.meta["data"] == {"index": 7} and r.meta["extra"] == {"kl": 0.1}
-    assert float(r.hparams.lr_scale) == 0.5
+    assert float(r.hparams.update.lr_scale) == 0.5
     np.testing.assert_array_equal(
         jax.random.key_data(r.rng), jax.random.key_data(jax.random.key(3))
     )
     for a, b in zip(_leaves(state), _leaves(r.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(r.state.params), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(state.policy.params), jax.tree.leaves(r.state.policy.params), strict=True
+    ):
         assert a.sharding == b.sharding
 
 
@@ -142,7 +148,7 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, sharded, damage):
     mesh, _, factory, state = sharded
     ckpt = Checkpointer(tmp_path / "ck", keep_last=3)
     _save(ckpt, 4, state)
-    newer = state.replace(params=jax.tree.map(lambda x: x * 2, state.params))
+    newer = _with_params(state, jax.tree.map(lambda x: x * 2, state.policy.params))
     _save(ckpt, 8, newer)
     ckpt.close()
     step_dir = tmp_path / "ck" / "8"
@@ -156,7 +162,7 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, sharded, damage):
     ckpt = Checkpointer(tmp_path / "ck", keep_last=3)
     r = _restore(ckpt, mesh, factory)
     assert r.step == 4
-    for a, b in zip(_leaves(state.params), _leaves(r.state.params), strict=True):
+    for a, b in zip(_leaves(state.policy.params), _leaves(r.state.policy.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert ckpt.steps == [4]  # the bad one moved aside, so step 8 can be saved again
     assert list((tmp_path / BAD_CHECKPOINT_DIR).iterdir())
@@ -178,7 +184,9 @@ def test_all_corrupted_raises_instead_of_starting_over(tmp_path, sharded):
 
 def test_nonfinite_params_are_never_saved(tmp_path, sharded):
     _, _, _, state = sharded
-    bad = state.replace(params=jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan), state.params))
+    bad = _with_params(
+        state, jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan), state.policy.params)
+    )
     ckpt = Checkpointer(tmp_path / "ck")
     assert not _save(ckpt, 3, bad)
     assert ckpt.steps == []
@@ -207,7 +215,7 @@ def test_restore_on_a_different_mesh_and_load_params(tmp_path, sharded):
     for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "7"):
         loaded = load_params(path, mesh=mesh1, rules=rules)
         assert loaded.step == 7 and loaded.config == CFG
-        for a, b in zip(_leaves(state.params), _leaves(loaded.params), strict=True):
+        for a, b in zip(_leaves(state.policy.params), _leaves(loaded.params), strict=True):
             np.testing.assert_array_equal(a, b)
     model = nnx.merge(loaded.graphdef, loaded.params)
     assert model.cfg == CFG

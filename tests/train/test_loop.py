@@ -14,7 +14,8 @@ from rlhf_jax.steps.state import TrainState
 from rlhf_jax.train import faults
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import read_metrics
-from rlhf_jax.train.sft import SFTData, sft_stage, synthetic_sft_data
+from rlhf_jax.train.sft import sft_stage, synthetic_sft_data
+from rlhf_jax.train.stage import StageData
 from rlhf_jax.train.synthetic import synthetic_sft_batch
 
 
@@ -60,7 +61,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for key in ("train/loss", "train/grad_norm", "eval/loss"):
             assert ra.get(key) == rb.get(key)
-    for x, y in zip(_leaves(full.state.params), _leaves(resumed.state.params), strict=True):
+    for x, y in zip(
+        _leaves(full.state.policy.params), _leaves(resumed.state.policy.params), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
     # A finished run re-run is a no-op that keeps its summary.
     again = run_tiny_sft(tmp_path / "split", 8)
@@ -109,7 +112,9 @@ def test_init_from_a_run(tmp_path):
     extra = f"INIT_FROM = '{tmp_path / 'a'}'\nsft_stage.lr_scale = 0.0\n"
     second = run_tiny_sft(tmp_path / "b", 2, extra)
     assert isinstance(second.state, TrainState) and int(second.state.step) == 2
-    for x, y in zip(_leaves(first.state.params), _leaves(second.state.params), strict=True):
+    for x, y in zip(
+        _leaves(first.state.policy.params), _leaves(second.state.policy.params), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
 
 
@@ -123,7 +128,7 @@ def test_iterator_without_state_dict_is_fast_forwarded(tmp_path):
             for i in itertools.count():
                 yield synthetic_sft_batch(np.random.default_rng([seed, i]), batch_size, 16, 48)
 
-        return SFTData(gen(), base.eval, 48, 16, summary=base.summary)
+        return StageData(gen(), base.eval, 48, 16, summary=base.summary)
 
     bind_tiny_sft(tmp_path / "full", 6)
     full = sft_stage(run_dir=str(tmp_path / "full"), data=data)
@@ -131,7 +136,9 @@ def test_iterator_without_state_dict_is_fast_forwarded(tmp_path):
     sft_stage(run_dir=str(tmp_path / "split"), data=data)
     bind_tiny_sft(tmp_path / "split", 6)
     resumed = sft_stage(run_dir=str(tmp_path / "split"), data=data)
-    for x, y in zip(_leaves(full.state.params), _leaves(resumed.state.params), strict=True):
+    for x, y in zip(
+        _leaves(full.state.policy.params), _leaves(resumed.state.policy.params), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
 
 
@@ -157,7 +164,9 @@ def test_untrustworthy_data_position_falls_back_to_the_older_checkpoint(tmp_path
     resumed = run_tiny_sft(run, 12)
     assert resumed.step == 12
     assert [p.name.split("-")[0] for p in (run / "checkpoints.bad").iterdir()] == ["8"]
-    for x, y in zip(_leaves(full.state.params), _leaves(resumed.state.params), strict=True):
+    for x, y in zip(
+        _leaves(full.state.policy.params), _leaves(resumed.state.policy.params), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
 
 

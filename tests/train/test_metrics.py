@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.train import metrics as M
-from rlhf_jax.train.sft import unigram_baseline
+from rlhf_jax.train.sft_data import unigram_baseline
 
 
 def test_peak_flops_table():
