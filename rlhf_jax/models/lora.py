@@ -111,7 +111,7 @@ def check_unsupported(stage: str) -> None:
     """
     if lora_settings().get("lora_rank"):
         raise SettingsError(
-            f"LoRA is not supported in the {stage} stage (LoRA covers the SFT and DPO stages); "
+            f"LoRA is not supported by {stage} (LoRA covers the SFT and DPO stages); "
             "drop gin/algorithms/lora.gin or set LORA_RANK = 0"
         )
 

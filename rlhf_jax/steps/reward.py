@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from rlhf_jax import settings
 from rlhf_jax.losses.reward import bradley_terry_loss
 from rlhf_jax.partitioning import with_logical_constraint
 from rlhf_jax.steps.algorithm import Algorithm
@@ -125,6 +126,17 @@ class RewardHParams:
         margin_scale: float = 1.0,
         bootstrap_seed: int = 0,
     ) -> RewardHParams:
+        """The pytree, after checking each value's type and range.
+
+        Raises:
+          errors.SettingsError: naming the gin macro (0 <= LABEL_SMOOTHING < 1,
+            CENTER_COEF >= 0, MARGIN_SCALE finite, an integer seed).
+        """
+        settings.in_range("reward_hparams.label_smoothing (LABEL_SMOOTHING)", label_smoothing,
+                          0.0, 1.0, high_open=True)  # fmt: skip
+        settings.nonneg_float("reward_hparams.center_coef (CENTER_COEF)", center_coef)
+        settings.finite("reward_hparams.margin_scale (MARGIN_SCALE)", margin_scale)
+        settings.integer("reward_hparams.bootstrap_seed", bootstrap_seed)
         f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
         return cls(
             label_smoothing=f32(label_smoothing),

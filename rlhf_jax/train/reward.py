@@ -149,11 +149,7 @@ def reward_stage(
     settings.positive_int("reward_stage.ece_bins", ece_bins)
     settings.integer("reward_stage.seed (SEED)", seed)
     seeded = stages.is_bound("reward_hparams.bootstrap_seed")
-    hp = reward_hparams(**({} if seeded else {"bootstrap_seed": seed}))
-    settings.in_range("reward_hparams.label_smoothing (LABEL_SMOOTHING)",
-                      float(hp.label_smoothing), 0.0, 1.0, high_open=True)  # fmt: skip
-    settings.nonneg_float("reward_hparams.center_coef (CENTER_COEF)", float(hp.center_coef))
-    settings.finite("reward_hparams.margin_scale (MARGIN_SCALE)", float(hp.margin_scale))
+    hp = reward_hparams(**({} if seeded else {"bootstrap_seed": seed}))  # validates its values
     algo = RewardConfig(
         grad_accum_steps=grad_accum_steps, num_heads=num_heads, bootstrap=bootstrap,
         freeze_trunk=freeze_trunk, ece_bins=ece_bins,

@@ -194,12 +194,12 @@ def run_stage(
         stage=recipe.name,
     )  # fmt: skip
     recipe.check_settings()
+    if not recipe.supports_lora:
+        lora.check_unsupported(recipe.name)
     run_dir_path = Path(run_dir)
     with RunLock(run_dir_path):
         mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
         partitioning.check_batch_divisible(batch_size, mesh)
-        if not recipe.supports_lora:
-            lora.check_unsupported(recipe.name)
         info = read_model_info(resolve_run_dir(init_from)) if init_from else None
         ctx = StageContext(run_dir_path, mesh, rules, seed, batch_size, init_from, info)
         data = recipe.data(ctx, tokenizer or (info or {}).get("tokenizer"))

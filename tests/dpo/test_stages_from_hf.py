@@ -127,5 +127,6 @@ def test_lora_in_the_reward_stage_is_a_user_error(sft_run, reviews, tmp_path, ca
     finally:
         gin.clear_config()
     err = capsys.readouterr().err
-    assert "LoRA is not supported in the reward-model stage" in err
+    assert "LoRA is not supported by reward_stage" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rm").exists()  # refused before the run directory is touched
