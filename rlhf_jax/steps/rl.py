@@ -81,11 +81,12 @@ class RLBatch:
 
 
 def _mean_std(x: jax.Array, mask: jax.Array, prefix: str) -> Metrics:
+    any_token = jnp.any(mask > 0)  # min/max are 0, not inf, when every row is masked out
     return {
         f"{prefix}/mean": masked_mean(x, mask),
         f"{prefix}/std": jnp.sqrt(masked_var(x, mask)),
-        f"{prefix}/min": jnp.min(jnp.where(mask > 0, x, jnp.inf)),
-        f"{prefix}/max": jnp.max(jnp.where(mask > 0, x, -jnp.inf)),
+        f"{prefix}/min": jnp.where(any_token, jnp.min(jnp.where(mask > 0, x, jnp.inf)), 0.0),
+        f"{prefix}/max": jnp.where(any_token, jnp.max(jnp.where(mask > 0, x, -jnp.inf)), 0.0),
     }
 
 
