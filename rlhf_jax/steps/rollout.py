@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from rlhf_jax.generate import SampleOutput, SamplingHParams, generate
 from rlhf_jax.models.transformer import default_positions
-from rlhf_jax.ops.logprobs import chunked_token_logprobs
+from rlhf_jax.ops.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
 from rlhf_jax.partitioning import with_logical_constraint
 from rlhf_jax.steps.rl_config import RLConfig, RLHParams
 from rlhf_jax.steps.state import Frozen
@@ -188,6 +188,12 @@ def completion_logps(
     def unembed(h):
         return model.unembed(h) * inv_t
 
+    if chunk_size >= ro.tokens.shape[1]:
+        # The whole completion's logits in one piece: no map and no rematerialisation, a
+        # smaller program (short completions, tests); same numbers as the chunked path.
+        logits_BNV = unembed(hidden_BND)
+        logps_BN = token_logprobs(logits_BNV, ro.tokens)
+        return (logps_BN, entropy_from_logits(logits_BNV)) if entropy else logps_BN
     return chunked_token_logprobs(
         hidden_BND, unembed, ro.tokens, chunk_size, return_entropy=entropy
     )
