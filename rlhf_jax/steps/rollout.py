@@ -211,6 +211,17 @@ def completion_values(graphdef: nnx.GraphDef, params: Any, ro: Rollout) -> jax.A
     return values_BSK[:, prompt_len - 1 : -1, 0]
 
 
+def tokens_scorer(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> ScoreFn:
+    """A `ScoreFn` from a pure `fn(tokens_BN, mask_BN) -> scores_B` of the completions alone
+    (a synthetic or rule-based reward that needs no model)."""
+
+    def score(frozen: Frozen, ro: Rollout) -> jax.Array:
+        del frozen
+        return jnp.asarray(fn(ro.tokens, ro.mask), jnp.float32)
+
+    return score
+
+
 def reward_model_scorer(
     reward_fn: Callable[..., dict[str, jax.Array]],
     *,
@@ -224,7 +235,7 @@ def reward_model_scorer(
       reward_fn: `reward_fn(params, input_ids, attention_mask, std_coef) -> dict`.
       name: the reward model's key in `Frozen.params`.
       field: "mean" (the ensemble's mean) or "conservative" (mean - std_coef * std; Coste et
-        al. 2024), or "heads"-free fields of the dict.
+        al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization").
       std_coef: k of the conservative estimate.
     """
 

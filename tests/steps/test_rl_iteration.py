@@ -17,6 +17,7 @@ from rlhf_jax.errors import SettingsError, UserError
 from rlhf_jax.models import ScalarModel, Transformer, model_config
 from rlhf_jax.steps import rl
 from rlhf_jax.steps.rl_config import RLConfig, RLHParams, create_rl_state
+from rlhf_jax.steps.rollout import tokens_scorer
 from rlhf_jax.steps.state import Frozen, ModelState
 from rlhf_jax.train.optim import make_optimizer
 
@@ -28,7 +29,8 @@ BASE = dict(prompts_per_iteration=4, samples_per_prompt=4, max_new_tokens=8, eos
             logits_chunk_size=8)  # fmt: skip
 RLOO = RLConfig(estimator="rloo", num_minibatches=2, **BASE)
 PPO = RLConfig(estimator="ppo", value_model="separate", value_clip=True, entropy_bonus=True,
-               whiten_advantages=True, epochs=2, num_minibatches=2, **BASE)  # fmt: skip
+               whiten_advantages=True, epochs=2, num_minibatches=2, critic_warmup=1,
+               **BASE)  # fmt: skip
 # The programs here are tiny, and the shared 2-core machine's cost is XLA's compile time:
 # skipping LLVM's expensive passes halves it and changes no semantics.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -41,8 +43,7 @@ def share_of_target(tokens, mask):
     return xp.sum((tokens == TARGET) * m, -1) / xp.maximum(m.sum(-1), 1.0)
 
 
-def score_fn(frozen, ro):
-    return share_of_target(ro.tokens, ro.mask)
+score_fn = tokens_scorer(share_of_target)
 
 
 @functools.cache
@@ -158,6 +159,14 @@ def test_rloo_raises_the_reward():
 
 
 def test_ppo_raises_the_reward_and_fits_its_critic():
+    hp = RLHParams.create()
+    state, frozen, prompts = _setup(PPO, hp)
+    warm, _ = _run(PPO, state, frozen, prompts, jax.random.key(0), hp)
+    # critic_warmup=1: the first iteration trains the critic only.
+    for name, should_change in (("policy", False), ("value", True)):
+        before, after = _leaves(state.models[name].params), _leaves(warm.models[name].params)
+        changed = any(not np.array_equal(x, y) for x, y in zip(before, after, strict=True))
+        assert changed == should_change, name
     hist = _learns(PPO)
     assert hist[-1]["value/explained_var"] > hist[0]["value/explained_var"]
     assert hist[-1]["value/error"] < hist[0]["value/error"]
