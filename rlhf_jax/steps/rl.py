@@ -97,16 +97,32 @@ def kl_coef(state: Any, hp: RLHParams, cfg: RLConfig) -> jax.Array:
     return hp.kl_coef
 
 
-def _shape_scores(scores_B, ended_B, moments, hp: RLHParams, cfg: RLConfig):
-    """Missing-EOS penalty, then normalisation, then clipping (Huang et al. 2024's order)."""
-    s = missing_eos_penalty(scores_B, ended_B, hp.missing_eos_penalty)
-    if cfg.reward_norm == "running":
-        s = normalize_with_moments(moments, s)
-    elif cfg.reward_norm == "batch":
-        s = masked_whiten(s, jnp.ones_like(s))
-    if cfg.clip_reward:
-        s = clip_rewards(s, hp.reward_clip)
-    return s
+def _score_shaper(scores_B, ended_B, moments, hp: RLHParams, cfg: RLConfig):
+    """The map raw score -> shaped score of this rollout: missing-EOS penalty, then
+    normalisation, then clipping (Huang et al. 2024's order).
+
+    The normalisation's statistics come from this rollout's (penalised) scores (or the running
+    moments), so ReMax's greedy baseline is shaped by exactly the same affine map.
+    """
+    penalised = missing_eos_penalty(scores_B, ended_B, hp.missing_eos_penalty)
+    if cfg.reward_norm == "batch":
+        ones = jnp.ones_like(penalised)
+        mean, inv_std = (
+            masked_mean(penalised, ones),
+            jax.lax.rsqrt(masked_var(penalised, ones) + 1e-8),
+        )
+
+    def shape(s_B, ended):
+        s = missing_eos_penalty(s_B, ended, hp.missing_eos_penalty)
+        if cfg.reward_norm == "running":
+            s = normalize_with_moments(moments, s)
+        elif cfg.reward_norm == "batch":
+            s = (s - mean) * inv_std
+        if cfg.clip_reward:
+            s = clip_rewards(s, hp.reward_clip)
+        return s
+
+    return shape
 
 
 def _ended(ro: Rollout, cfg: RLConfig) -> jax.Array:
@@ -173,14 +189,15 @@ def prepare_batch(
     moments = extra["reward_moments"]
     if cfg.reward_norm == "running":
         moments = extra["reward_moments"] = update_moments(moments, scores_B)
-    shaped_B = _shape_scores(scores_B, ended_B, moments, hp, cfg)
+    shape = _score_shaper(scores_B, ended_B, moments, hp, cfg)
+    shaped_B = shape(scores_B, ended_B)
     beta = kl_coef(state, hp, cfg)
     kl_BN = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * comp_mask
     rewards_BN = token_rewards(shaped_B, mask, kl_BN if cfg.kl_in_reward else None, beta)
 
     baseline_B = None
     if cfg.estimator == "remax":
-        greedy_shaped = _shape_scores(greedy_scores, _ended(greedy, cfg), moments, hp, cfg)
+        greedy_shaped = shape(greedy_scores, _ended(greedy, cfg))
         baseline_B = jnp.repeat(greedy_shaped, cfg.samples_per_prompt)
     elif cfg.estimator == "running_mean":
         baseline_B = jnp.broadcast_to(extra["baseline"].value, shaped_B.shape)
@@ -337,7 +354,9 @@ def update(
     metrics["nonfinite/skipped"] = nonfinite.skipped
     lr = state.models["policy"].lr_schedule
     if lr is not None:
-        metrics["lr"] = jnp.asarray(lr(state.step), jnp.float32) * hp.lr_scale
+        # At the iteration's first optimiser step (the schedule counts optimiser steps).
+        first = state.step * cfg.epochs * cfg.num_minibatches
+        metrics["lr"] = jnp.asarray(lr(first), jnp.float32) * hp.lr_scale
     return state.replace(models=models, nonfinite=nonfinite), metrics
 
 

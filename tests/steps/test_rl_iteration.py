@@ -208,10 +208,10 @@ GRID = {
         kl_estimator="k2", kl_controller="adaptive", reward_norm="running",
         mask_truncated=True, clip_reward=True,
     ),
-    "remax-gspo-cispo-seqmeantokensum-k1-whiten-entropy-epochs": dict(
+    "remax-gspo-cispo-seqmeantokensum-k1-whiten-entropy-epochs-batchnorm": dict(
         estimator="remax", ratio_level="sequence", policy_loss="cispo",
         loss_agg_mode="seq_mean_token_sum", kl_estimator="k1", whiten_advantages=True,
-        entropy_bonus=True, epochs=2, num_minibatches=4,
+        entropy_bonus=True, epochs=2, num_minibatches=4, reward_norm="batch",
     ),
     "runningmean-noref": dict(estimator="running_mean", use_reference=False, kl_in_reward=False),
 }  # fmt: skip
