@@ -132,6 +132,37 @@ def _ended(ro: Rollout, cfg: RLConfig) -> jax.Array:
     return ended_with_stop(ro.tokens, ro.mask, stops)
 
 
+def _forwards(state: Any, frozen: Frozen, ro: Rollout, hp: RLHParams, cfg: RLConfig):
+    """Teacher-forced forwards of the sampling parameters, the reference and the critic.
+
+    Returns `(tf_logps, entropy, old_logps, ref_logps, old_values)`, [B, N], 0 on padding.
+    """
+    sg = jax.lax.stop_gradient
+    comp_mask = ro.mask != 0
+    policy = state.models["policy"]
+    tf_logps, entropy = completion_logps(
+        policy.graphdef, sg(policy.params), ro, temperature=hp.temperature,
+        chunk_size=cfg.logits_chunk_size, entropy=True,
+    )  # fmt: skip
+    old_logps = tf_logps if cfg.old_logps == "teacher_forced" else ro.sampler_logps
+    old_logps = jnp.where(comp_mask, old_logps, 0.0)
+    if cfg.use_reference:
+        ref_logps = completion_logps(
+            frozen.graphdefs["ref"], sg(frozen.params["ref"]), ro,
+            temperature=hp.temperature, chunk_size=cfg.logits_chunk_size,
+        )  # fmt: skip
+        ref_logps = jnp.where(comp_mask, ref_logps, 0.0)
+    else:
+        ref_logps = old_logps  # no reference: every KL term is 0
+    if cfg.has_critic:
+        value = state.models["value"]
+        values = completion_values(value.graphdef, sg(value.params), ro)
+        old_values = jnp.where(comp_mask, values, 0.0)
+    else:
+        old_values = jnp.zeros_like(old_logps)
+    return tf_logps, entropy, old_logps, ref_logps, old_values
+
+
 def prepare_batch(
     state: Any,
     frozen: Frozen,
@@ -156,39 +187,18 @@ def prepare_batch(
       `(batch, new_extra, metrics)`: the update's inputs, `state.extra` after this rollout
       (KL controller, reward moments, baseline), and the rollout's diagnostics.
     """
-    policy = state.models["policy"]
     sg = jax.lax.stop_gradient
     comp_mask = (ro.mask != 0).astype(jnp.float32)
     ended_B = _ended(ro, cfg)
     mask = mask_truncated(comp_mask, ended_B) if cfg.mask_truncated else comp_mask
     extra = dict(state.extra)
-
-    # Teacher-forced forwards of the sampling parameters, the reference and the critic.
-    tf_logps, entropy = completion_logps(
-        policy.graphdef, sg(policy.params), ro, temperature=hp.temperature,
-        chunk_size=cfg.logits_chunk_size, entropy=True,
-    )  # fmt: skip
-    old_logps = tf_logps if cfg.old_logps == "teacher_forced" else ro.sampler_logps
-    old_logps = jnp.where(comp_mask > 0, old_logps, 0.0)
-    if cfg.use_reference:
-        ref_logps = completion_logps(
-            frozen.graphdefs["ref"], sg(frozen.params["ref"]), ro,
-            temperature=hp.temperature, chunk_size=cfg.logits_chunk_size,
-        )  # fmt: skip
-        ref_logps = jnp.where(comp_mask > 0, ref_logps, 0.0)
-    else:
-        ref_logps = old_logps
-    if cfg.has_critic:
-        value = state.models["value"]
-        values = completion_values(value.graphdef, sg(value.params), ro)
-        old_values = jnp.where(comp_mask > 0, values, 0.0)
-    else:
-        old_values = jnp.zeros_like(old_logps)
+    tf_logps, entropy, old_logps, ref_logps, old_values = _forwards(state, frozen, ro, hp, cfg)
 
     # Scores -> per-token rewards.
     moments = extra["reward_moments"]
     if cfg.reward_norm == "running":
-        moments = extra["reward_moments"] = update_moments(moments, scores_B)
+        penalised = missing_eos_penalty(scores_B, ended_B, hp.missing_eos_penalty)
+        moments = extra["reward_moments"] = update_moments(moments, penalised)
     shape = _score_shaper(scores_B, ended_B, moments, hp, cfg)
     shaped_B = shape(scores_B, ended_B)
     beta = kl_coef(state, hp, cfg)
@@ -222,7 +232,26 @@ def prepare_batch(
             kind="adaptive", target=hp.kl_target, horizon=hp.kl_horizon,
         )  # fmt: skip
 
+    metrics = _rollout_metrics(
+        ro, scores_B, shaped_B, rewards_BN, seq_kls, beta, entropy, tf_logps, ended_B,
+        advantages, returns, old_values, mask, cfg,
+    )  # fmt: skip
+    if cfg.estimator == "remax":
+        metrics["reward/greedy"] = jnp.mean(greedy_scores)
+    batch = RLBatch(
+        rollout=ro, mask=mask, old_logps=sg(old_logps), ref_logps=sg(ref_logps),
+        old_values=sg(old_values), advantages=sg(advantages), returns=sg(returns),
+    )  # fmt: skip
+    return batch, extra, metrics
+
+
+def _rollout_metrics(
+    ro, scores_B, shaped_B, rewards_BN, seq_kls, beta, entropy, tf_logps, ended_B,
+    advantages, returns, old_values, mask, cfg: RLConfig,
+) -> Metrics:  # fmt: skip
+    """The rollout's diagnostics (rewards, KL per estimator, entropy, sampler gap, ...)."""
     rows = jnp.ones_like(scores_B)
+    comp_mask = (ro.mask != 0).astype(jnp.float32)
     gap = jnp.where(comp_mask > 0, ro.sampler_logps - tf_logps, 0.0)
     metrics: Metrics = {
         "reward/proxy": jnp.mean(scores_B),
@@ -245,13 +274,7 @@ def prepare_batch(
     if cfg.has_critic:
         metrics["value/explained_var"] = explained_variance(old_values, returns, mask)
         metrics["value/rollout_mean"] = masked_mean(old_values, mask)
-    if cfg.estimator == "remax":
-        metrics["reward/greedy"] = jnp.mean(greedy_scores)
-    batch = RLBatch(
-        rollout=ro, mask=mask, old_logps=sg(old_logps), ref_logps=sg(ref_logps),
-        old_values=sg(old_values), advantages=sg(advantages), returns=sg(returns),
-    )  # fmt: skip
-    return batch, extra, metrics
+    return metrics
 
 
 def _minibatch_loss(params, mb: RLBatch, models, beta, hp: RLHParams, cfg: RLConfig):
