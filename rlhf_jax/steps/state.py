@@ -213,3 +213,62 @@ def state_factory(
         return value
 
     return StateFactory(abstract=abstract_with_shardings(abstract, shardings), init=init)
+
+
+# --------------------------------------------------------------------------- named models
+# The minimal `ModelState` / `Frozen` of the named-model interface (issue 13), appended here so
+# the online-RL iteration (issue 14) can run before issue 13's refactor lands; issue 13's
+# version of this module replaces these at merge.
+
+
+@struct.dataclass
+class ModelState:
+    """One trainable model: parameters, optimiser state; graphdef/tx/schedule static."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
+    lr_schedule: optax.Schedule | None = struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(cls, *, graphdef: nnx.GraphDef, params: nnx.State, optimizer: Any) -> ModelState:
+        """A fresh model state; `optimizer` is a `train.optim.Optimizer` (tx + schedule)."""
+        return cls(
+            params=params,
+            opt_state=optimizer.tx.init(params),
+            graphdef=graphdef,
+            tx=optimizer.tx,
+            lr_schedule=optimizer.schedule,
+        )
+
+    def module(self, params: nnx.State | None = None) -> nnx.Module:
+        """The NNX module for `params` (default: this state's own)."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def apply_gradients(self, grads: Any, *, lr_scale: jax.Array, ok: jax.Array) -> ModelState:
+        """One optax update scaled by `lr_scale`; where `ok` is False nothing changes."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
+        params = optax.apply_updates(self.params, updates)
+
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        return self.replace(
+            params=keep_if_ok(params, self.params),
+            opt_state=keep_if_ok(opt_state, self.opt_state),
+        )
+
+
+@struct.dataclass
+class Frozen:
+    """Models that are read but never trained (reference policy, reward model): held sharded
+    beside the state, passed to steps as their own argument, never donated or checkpointed."""
+
+    params: dict[str, nnx.State] = dataclasses.field(default_factory=dict)
+    graphdefs: dict[str, nnx.GraphDef] = struct.field(pytree_node=False, default_factory=dict)
+
+    def module(self, name: str) -> nnx.Module:
+        """The NNX module of the frozen model `name`."""
+        return nnx.merge(self.graphdefs[name], self.params[name])
