@@ -294,26 +294,6 @@ def init_rl_extra(hp: RLHParams) -> dict[str, Any]:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), extra)
 
 
-def _has_named_models() -> bool:
-    fields = {f.name for f in dataclasses.fields(state_lib.TrainState)}
-    return "models" in fields
-
-
-if _has_named_models():  # issue 13's TrainState (step, models, nonfinite, extra)
-    RLTrainState = state_lib.TrainState
-else:
-
-    @struct.dataclass
-    class RLTrainState:
-        """Stand-in with the fields of issue 13's named-model `TrainState`, used until that
-        refactor lands (the iteration only reads `step`, `models`, `nonfinite`, `extra`)."""
-
-        step: jax.Array
-        models: dict[str, state_lib.ModelState]
-        nonfinite: state_lib.NonFiniteStats
-        extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
 def create_rl_state(
     *,
     policy: state_lib.ModelState,
@@ -324,7 +304,7 @@ def create_rl_state(
     models = {"policy": policy}
     if value is not None:
         models["value"] = value
-    return RLTrainState(
+    return state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         models=models,
         nonfinite=state_lib.NonFiniteStats.zeros(),
