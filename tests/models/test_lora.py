@@ -143,7 +143,7 @@ def test_gin_lora_needs_the_adapter_only_optimizer():
     gin.parse_config("lora_settings.rank = 4")
     with pytest.raises(ValueError, match="make_optimizer.trainable"):
         lora.with_lora(cfg)
-    with pytest.raises(ValueError, match="not supported in the reward-model stage"):
+    with pytest.raises(ValueError, match="not supported by reward-model"):
         lora.check_unsupported("reward-model")
     gin.parse_config("make_optimizer.trainable = ['_lora_[ab]$']")
     assert lora.with_lora(cfg).lora_rank == 4
