@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU session for the sampler roofline (issue 5): which decode-step variant and which
+# One-shot GPU session: the sampler roofline (issue 5) and the online-RL iteration split (issue 14):
 # XLA command-buffer settings are fastest, how many kernels a decode step launches, and where
 # the kernel time goes; then the CPU test subset on the machine's jax 0.11. Everything lands in
 # $OUT; each section is skipped when the time left (BUDGET seconds in all) is too short for it.
@@ -63,6 +63,16 @@ for d in /tmp/prof/*/; do
   python3 benchmarks/trace_summary.py "$d" --steps $STEPS --top 20 | tee "$OUT/trace_$(basename "$d").txt" | head -14
 done
 tar czf "$OUT/hlo.tgz" -C /tmp hlo 2>/dev/null
+# 1b. One online-RL iteration's time split at GPT-2 small (issue 14: generation's share should
+#     be under half of an iteration on a GPU).
+left=$((BUDGET - SECONDS))
+if ((left > 150)); then
+  echo "=== rl_iteration (at most 120 s)"
+  timeout 120 python3 benchmarks/bench_rl_iteration.py --preset gpt2 --prompts 16 --k 4 \
+    --prompt_len 64 --new_tokens 128 --repeats 3 --out "$OUT/rl_iteration_gpt2.json" \
+    > "$OUT/rl_iteration.log" 2>&1
+  echo "rc=$?"; tail -6 "$OUT/rl_iteration.log"
+fi
 # 2. The whole decode loop in one CUDA graph (while/conditional command buffers).
 section graphs 120 "$GRAPHS" -- --sizes gpt2 \
   --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
