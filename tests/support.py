@@ -8,6 +8,19 @@ import contextlib
 import fcntl
 from pathlib import Path
 
+# Command-line flags of a short, quiet test run: no warm-up, a metrics record every step, eval only
+# at the end on one batch, no progress bar, TensorBoard or background checkpoint writes.
+QUIET_RUN = (
+    "--gin.WARMUP_STEPS=0",
+    "--gin.LOG_EVERY=1",
+    "--gin.EVAL_EVERY=0",
+    "--gin.LoopConfig.eval_batches=1",
+    "--gin.LoopConfig.progress_bar=False",
+    "--gin.LoopConfig.tensorboard=False",
+    "--gin.LoopConfig.async_checkpointing=False",
+    "--log_level=WARNING",
+)
+
 
 @contextlib.contextmanager
 def file_lock(path: Path):

@@ -10,6 +10,7 @@ import gin
 import numpy as np
 import transformers  # noqa: F401  (test extra: a missing install fails, never skips)
 from flax import nnx
+from support import QUIET_RUN
 
 from rlhf_jax import cli
 from rlhf_jax.rundir import load_params, read_model_info
@@ -47,14 +48,7 @@ def test_dpo_from_exported_checkpoint(sft_run, reviews, tmp_path, capsys):
         "--gin.TRAIN_STEPS=2",
         "--gin.BATCH_SIZE=16",
         "--gin.BUCKETS=(48,)",
-        "--gin.WARMUP_STEPS=0",
-        "--gin.LOG_EVERY=1",
-        "--gin.EVAL_EVERY=0",
-        "--gin.LoopConfig.eval_batches=1",
-        "--gin.LoopConfig.progress_bar=False",
-        "--gin.LoopConfig.tensorboard=False",
-        "--gin.LoopConfig.async_checkpointing=False",
-        "--log_level=WARNING",
+        *QUIET_RUN,
     ]  # fmt: skip
     assert cli.main(argv) == 0
     gin.clear_config()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support import QUIET_RUN
 
 from rlhf_jax import cli
 from rlhf_jax.models import lora
@@ -41,14 +42,7 @@ def lora_run(sft_run, reviews, tmp_path_factory):
         "--gin.BATCH_SIZE=16",
         "--gin.BUCKETS=(48,)",
         "--gin.LEARNING_RATE=1e-2",
-        "--gin.WARMUP_STEPS=0",
-        "--gin.LOG_EVERY=1",
-        "--gin.EVAL_EVERY=0",
-        "--gin.LoopConfig.eval_batches=1",
-        "--gin.LoopConfig.progress_bar=False",
-        "--gin.LoopConfig.tensorboard=False",
-        "--gin.LoopConfig.async_checkpointing=False",
-        "--log_level=WARNING",
+        *QUIET_RUN,
     ]  # fmt: skip
     assert cli.main(argv) == 0
     gin.clear_config()

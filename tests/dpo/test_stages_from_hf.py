@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from support import QUIET_RUN
 
 from rlhf_jax import cli
 from rlhf_jax.rundir import load_params, read_model_info
@@ -31,14 +32,7 @@ def _argv(experiment, run, hf_dir, imports, *extra):
         f"--gin.RUN_DIR={run}",
         "--gin.TRAIN_STEPS=2",
         "--gin.BATCH_SIZE=16",
-        "--gin.WARMUP_STEPS=0",
-        "--gin.LOG_EVERY=1",
-        "--gin.EVAL_EVERY=0",
-        "--gin.LoopConfig.eval_batches=1",
-        "--gin.LoopConfig.progress_bar=False",
-        "--gin.LoopConfig.tensorboard=False",
-        "--gin.LoopConfig.async_checkpointing=False",
-        "--log_level=WARNING",
+        *QUIET_RUN,
     ]  # fmt: skip
 
 
