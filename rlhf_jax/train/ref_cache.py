@@ -328,7 +328,7 @@ def attach_reference_logps(
         {**row, REF_FIELDS[0]: float(c), REF_FIELDS[1]: float(r)}
         for row, c, r in zip(examples.rows, chosen, rejected, strict=True)
     ]
-    return TokenizedDataset(examples.kind, rows, examples.stats, examples.pad_id, examples.name)
+    return examples.with_rows(rows)
 
 
 def collate_with_reference(examples: TokenizedDataset) -> Callable:
