@@ -1,5 +1,6 @@
 """Per-pair float columns (`extra_fields`) through the one preference loader: carried into the
-batch in row order, validated like margins (file, row, field)."""
+batch in row order, validated like margins (file, row, field), and shared by the reward-model
+and DPO stages' data."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from rlhf_jax.data import BatchIterator, DataError, load_source, make_preference_iterator
 from rlhf_jax.data.preference import build_preference_dataset
 from rlhf_jax.errors import SettingsError
+from rlhf_jax.train.pairs import reward_preference_data
 
 ROWS = [
     {"prompt": "how is the food ?", "chosen": "great", "rejected": "bad", "gold": 0.5, "m": 1},
@@ -79,3 +81,26 @@ def test_a_bad_extra_value_names_file_row_and_field(tmp_path, word_tok, write_js
 def test_an_extra_field_cannot_replace_a_batch_field(word_tok):
     with pytest.raises(SettingsError, match="'margin'"):
         build_preference_dataset(load_source(ROWS)["train"], word_tok, extra_fields=("margin",))
+
+
+def test_reward_and_dpo_data_read_pairs_through_one_loader(tmp_path, word_tok, write_jsonl):
+    """The reward model's data is the DPO loader's batches plus the gold columns it asked for,
+    validated the same way."""
+    rows = [dict(r, chosen_score=r["gold"], rejected_score=0.0, margin=r["m"]) for r in ROWS]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    common = dict(batch_size=2, seed=5, buckets=(16,), split_fraction=None, on_bad_row="skip")
+    rm = reward_preference_data(tokenizer=word_tok, source=str(path), format="explicit", **common)
+    train, _, _ = make_preference_iterator(
+        str(path), word_tok, extra_fields=("chosen_score", "rejected_score"), **common
+    )
+    assert rm.summary["data/columns"] == "chosen_score,rejected_score"
+    for _ in range(3):
+        a, b = next(rm.train), next(train)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    rows[1]["chosen_score"] = "high"
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'chosen_score'"):
+        reward_preference_data(tokenizer=word_tok, source=str(path), **{**common,
+                               "on_bad_row": "error"})  # fmt: skip
