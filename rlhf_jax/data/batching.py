@@ -9,7 +9,8 @@ Batch layouts (numpy; int32 unless stated; B = the per-process batch size):
   0 on BOS, prompt and pad).
 * Preference: `chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask`,
   `rejected_input_ids`, `rejected_attention_mask`, `rejected_loss_mask` (all [B,T]; both sides
-  padded to the same bucket T), `margin` [B] float32 (0 when the data has none).
+  padded to the same bucket T), `margin` [B] float32 (0 when the data has none), and each
+  extra field the rows carry as [B] float32 (NaN on padding rows).
 * Prompts (LEFT-padded for generation: `pad... [bos] prompt`): `prompt_ids` [B,P],
   `prompt_mask` [B,P], and `prompt_text`, a numpy object array [B] of the raw prompt strings
   (host-only: drop it with `device_fields` before sending a batch to devices).
@@ -73,13 +74,18 @@ def collate_sft(rows: Sequence[dict | None], length: int, *, pad_id: int) -> Bat
     return _right_pad(rows, "", length, pad_id)
 
 
-def collate_preference(rows: Sequence[dict | None], length: int, *, pad_id: int) -> Batch:
-    """Preference rows -> chosen_*/rejected_* [B, length] and margin [B] float32."""
+def collate_preference(
+    rows: Sequence[dict | None], length: int, *, pad_id: int, extras: Sequence[str] = ()
+) -> Batch:
+    """Preference rows -> chosen_*/rejected_* [B, length], margin [B] float32 and each of
+    `extras` [B] float32, in row order (NaN on padding rows: no value, not a zero)."""
     out = _right_pad(rows, "chosen_", length, pad_id)
     out.update(_right_pad(rows, "rejected_", length, pad_id))
     out["margin"] = np.asarray(
         [0.0 if r is None else r["margin"] for r in rows], dtype=np.float32
     ).reshape(len(rows))
+    for name in extras:
+        out[name] = np.asarray([np.nan if r is None else r[name] for r in rows], np.float32)
     return out
 
 

@@ -5,7 +5,7 @@ Row layout (each row a dict; ids are int32 numpy arrays, unpadded):
 
 * sft:        {"input_ids": [bos] prompt completion [eos], "completion_start": int}
 * preference: {"chosen_input_ids", "chosen_completion_start", "rejected_input_ids",
-               "rejected_completion_start", "margin": float}
+               "rejected_completion_start", "margin": float, and one float per extra field}
 * prompt:     {"prompt_ids": [bos] prompt, "prompt_text": str}
 
 `completion_start` is the position of the first completion token: the loss mask is 1 from there
@@ -58,14 +58,25 @@ class TokenizedDataset(Sequence):
         completion_truncated.
       pad_id: the tokenizer's pad id, used by `collate`.
       name: the source name.
+      extra_fields: preference rows only: the names of the per-row float columns the rows
+        carry besides `margin` (`preference.build_preference_dataset`), collated as [B] float32.
     """
 
-    def __init__(self, kind: Kind, rows: list[dict], stats: dict[str, int], pad_id: int, name=""):
+    def __init__(
+        self,
+        kind: Kind,
+        rows: list[dict],
+        stats: dict[str, int],
+        pad_id: int,
+        name="",
+        extra_fields: Sequence[str] = (),
+    ):
         self.kind = kind
         self.rows = rows
         self.stats = stats
         self.pad_id = pad_id
         self.name = name
+        self.extra_fields = tuple(extra_fields)
         if kind == "sft":
             lengths = [len(r["input_ids"]) for r in rows]
         elif kind == "preference":
@@ -82,12 +93,17 @@ class TokenizedDataset(Sequence):
 
     def collate(self, rows: Sequence[dict | None], length: int) -> dict[str, np.ndarray]:
         """Pads `rows` (None = an all-padding row) to `length`; see batching.py for layouts."""
-        fn = {
-            "sft": batching.collate_sft,
-            "preference": batching.collate_preference,
-            "prompt": batching.collate_prompts,
-        }[self.kind]
+        if self.kind == "preference":
+            return batching.collate_preference(
+                rows, length, pad_id=self.pad_id, extras=self.extra_fields
+            )
+        fn = {"sft": batching.collate_sft, "prompt": batching.collate_prompts}[self.kind]
         return fn(rows, length, pad_id=self.pad_id)
+
+    def with_rows(self, rows: list[dict], extra_fields: Sequence[str] | None = None):
+        """A copy holding `rows` (same kind, stats, pad id and name; extra fields unless given)."""
+        extras = self.extra_fields if extra_fields is None else extra_fields
+        return TokenizedDataset(self.kind, rows, self.stats, self.pad_id, self.name, extras)
 
     def __repr__(self) -> str:
         return f"TokenizedDataset(kind={self.kind!r}, rows={len(self)}, stats={self.stats})"
@@ -175,13 +191,14 @@ class RowReader:
             raise DataError(f"{self.where(i, field)} is empty")
         return v
 
-    def number(self, i: int, field: str) -> float:
-        """An optional numeric field (absent column or null = 0.0); numeric strings accepted."""
+    def number(self, i: int, field: str, missing: float = 0.0) -> float:
+        """An optional numeric field: a finite number (numeric strings accepted), or `missing`
+        for an absent column or a null."""
         if field not in self.columns:
-            return 0.0
+            return missing
         v = self.raw(i, field)
         if v is None:
-            return 0.0
+            return missing
         try:
             if isinstance(v, bool):
                 raise TypeError

@@ -7,8 +7,12 @@ device arrays from the batches in the train loop.
 
     gin name         function                   batches
     sft_data         make_sft_iterator          SFT (input_ids, attention_mask, loss_mask, valid)
-    preference_data  make_preference_iterator   chosen_*/rejected_*, margin, valid
+    preference_data  make_preference_iterator   chosen_*/rejected_*, margin, extras, valid
     prompt_data      make_prompt_iterator       prompt_ids, prompt_mask, prompt_text, valid
+
+Preference pairs are read by one loader, `build_preference_splits`, whatever stage trains on
+them: `make_preference_iterator` (DPO) and the reward model's `train.pairs.reward_preference_data`
+both call it, asking for the per-pair float columns they need as `extra_fields`.
 
 `task=` takes a built-in task object (e.g. `@reviews_task()` in gin), which supplies the source
 and tokenizer when they are not given.
@@ -20,12 +24,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import gin
 
 from rlhf_jax import settings
 from rlhf_jax.data.batching import BatchIterator, CollateFn
 from rlhf_jax.data.examples import TokenizedDataset
-from rlhf_jax.data.preference import build_preference_dataset
+from rlhf_jax.data.preference import HH_ASSISTANT, build_preference_dataset
 from rlhf_jax.data.prompts import build_prompt_dataset
 from rlhf_jax.data.sources import Source, load_source
 from rlhf_jax.data.text import build_sft_dataset
@@ -40,11 +45,14 @@ _COLUMNS = {
 }
 
 
-def _field_kwargs(kind: str, columns: Mapping[str, str] | None) -> dict[str, str]:
+def _field_kwargs(
+    kind: str, columns: Mapping[str, str] | None, extra_roles: Sequence[str] = ()
+) -> dict[str, str]:
+    roles = (*_COLUMNS[kind], *extra_roles)
     out = {}
     for k, v in (columns or {}).items():
-        if k not in _COLUMNS[kind]:
-            raise ValueError(f"unknown {kind} column role {k!r}; choose from {_COLUMNS[kind]}")
+        if k not in roles:
+            raise ValueError(f"unknown {kind} column role {k!r}; choose from {roles}")
         out[f"{k}_field"] = v
     return out
 
@@ -190,6 +198,54 @@ def make_sft_iterator(
     return train, ev, tok
 
 
+def build_preference_splits(
+    splits: Mapping[str, datasets.Dataset],
+    tokenizer: Tokenizer,
+    *,
+    max_len: int,
+    format: str = "explicit",
+    columns: Mapping[str, str] | None = None,
+    extra_fields: Sequence[str] = (),
+    assistant_marker: str = HH_ASSISTANT,
+    max_prompt_len: int | None = None,
+    on_bad_row: str = "error",
+    on_long_prompt: str = "truncate",
+) -> dict[str, TokenizedDataset]:
+    """Tokenises every split of preference pairs alike (`preference.build_preference_dataset`).
+
+    Args:
+      splits: the splits from `load_source`.
+      tokenizer: the tokenizer.
+      max_len: longest sequence per side, BOS and EOS included.
+      format: "explicit", "implicit_prompt", "conversational" or "auto" (see preference.py).
+      columns: column names by role: prompt, chosen, rejected, margin, and any extra field.
+      extra_fields: per-pair float columns every split must have, carried into each batch
+        under these names (renamed columns through `columns`; null = NaN).
+      assistant_marker, max_prompt_len, on_bad_row, on_long_prompt: as in
+        `build_preference_dataset`.
+
+    Returns:
+      {split name: TokenizedDataset of kind "preference"}.
+    """
+    kw = _field_kwargs("preference", columns, extra_fields)
+    extras = {f: kw.pop(f"{f}_field", f) for f in extra_fields}
+    return {
+        name: build_preference_dataset(
+            ds,
+            tokenizer,
+            format=format,
+            extra_fields=extras,
+            assistant_marker=assistant_marker,
+            max_len=max_len,
+            max_prompt_len=max_prompt_len,
+            on_bad_row=on_bad_row,
+            on_long_prompt=on_long_prompt,
+            **kw,
+        )
+        for name, ds in splits.items()
+    }
+
+
 @gin.configurable("preference_data")
 def make_preference_iterator(
     source: Source | None = None,
@@ -198,7 +254,8 @@ def make_preference_iterator(
     task: Any = None,
     format: str = "explicit",
     columns: Mapping[str, str] | None = None,
-    assistant_marker: str = "\n\nAssistant:",
+    extra_fields: Sequence[str] = (),
+    assistant_marker: str = HH_ASSISTANT,
     batch_size: int = 32,
     eval_batch_size: int | None = None,
     buckets: Sequence[int] = (64, 128, 256),
@@ -216,7 +273,9 @@ def make_preference_iterator(
 
     Args:
       format: "explicit", "implicit_prompt", "conversational" or "auto" (see preference.py).
-      columns: column names by role: prompt, chosen, rejected, margin.
+      columns: column names by role: prompt, chosen, rejected, margin, and any extra field.
+      extra_fields: per-pair float columns to carry into the batches (see
+        `build_preference_splits`).
       assistant_marker: where "implicit_prompt" cuts the shared prefix.
       Others: as in `make_sft_iterator` (max_len applies to each side; both sides of a batch
         share one bucket T).
@@ -227,21 +286,18 @@ def make_preference_iterator(
     src, tok = _resolve("preference", source, tokenizer, task)
     max_len = _check_len(max_len, buckets)
     splits = load_source(src, split_fraction=split_fraction, seed=seed, file_format=file_format)
-    kw = _field_kwargs("preference", columns)
-    built = {
-        name: build_preference_dataset(
-            ds,
-            tok,
-            format=format,
-            assistant_marker=assistant_marker,
-            max_len=max_len,
-            max_prompt_len=max_prompt_len,
-            on_bad_row=on_bad_row,
-            on_long_prompt=on_long_prompt,
-            **kw,
-        )
-        for name, ds in splits.items()
-    }
+    built = build_preference_splits(
+        splits,
+        tok,
+        max_len=max_len,
+        format=format,
+        columns=columns,
+        extra_fields=extra_fields,
+        assistant_marker=assistant_marker,
+        max_prompt_len=max_prompt_len,
+        on_bad_row=on_bad_row,
+        on_long_prompt=on_long_prompt,
+    )
     train, ev = train_and_eval_iterators(
         built,
         batch_size=batch_size,

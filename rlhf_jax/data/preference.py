@@ -17,14 +17,21 @@ Formats (column names are arguments):
 * "auto": "conversational" if the chosen column holds lists, else "explicit" if the prompt
   column exists, else "implicit_prompt" (the choice is logged).
 
-`margin_field` (default "margin") is read when the column exists: a number per pair (null = 0),
-exposed as the batch's `margin`.
+Per-pair numbers travel with the pair, validated the same way (a finite number or a numeric
+string; anything else is a bad row named by file, row and field):
+
+* `margin_field` (default "margin") is read when the column exists (null = 0), exposed as the
+  batch's `margin`;
+* `extra_fields` names further float columns that must exist (e.g. the gold judge's scores
+  for the reward model's metrics); each arrives in the batch under its name, null = NaN.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import datasets
@@ -46,6 +53,15 @@ log = logging.getLogger(__name__)
 PreferenceFormat = Literal["explicit", "implicit_prompt", "conversational", "auto"]
 PREFERENCE_FORMATS = ("explicit", "implicit_prompt", "conversational", "auto")
 HH_ASSISTANT = "\n\nAssistant:"
+# Batch fields of a preference row that an extra field may not replace.
+RESERVED_FIELDS = frozenset(
+    {"margin", "valid"}
+    | {
+        f"{side}_{k}"
+        for side in ("chosen", "rejected")
+        for k in ("input_ids", "attention_mask", "loss_mask", "completion_start")
+    }
+)
 
 
 def split_transcripts(
@@ -69,6 +85,21 @@ def split_transcripts(
     return prompt, c, r
 
 
+def _extra_columns(extra_fields: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """`extra_fields` as {batch name: column name} (a sequence names both alike).
+
+    Raises:
+      SettingsError: a name that is a preference batch field of its own (e.g. "margin").
+    """
+    if isinstance(extra_fields, str):
+        extra_fields = (extra_fields,)
+    out = dict(extra_fields) if isinstance(extra_fields, Mapping) else {f: f for f in extra_fields}
+    clash = sorted(RESERVED_FIELDS.intersection(out))
+    if clash:
+        raise SettingsError(f"extra field {clash[0]!r} is a preference batch field already")
+    return out
+
+
 def _detect(dataset: datasets.Dataset, prompt_field: str, chosen_field: str) -> str:
     feature = dataset.features.get(chosen_field)
     if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
@@ -85,6 +116,7 @@ def build_preference_dataset(
     chosen_field: str = "chosen",
     rejected_field: str = "rejected",
     margin_field: str | None = "margin",
+    extra_fields: Sequence[str] | Mapping[str, str] = (),
     assistant_marker: str = HH_ASSISTANT,
     max_len: int = 512,
     max_prompt_len: int | None = None,
@@ -99,6 +131,8 @@ def build_preference_dataset(
       format: "explicit", "implicit_prompt", "conversational" or "auto" (module docstring).
       prompt_field, chosen_field, rejected_field, margin_field: column names (margin optional:
         None or an absent column gives margin 0).
+      extra_fields: required per-pair float columns carried into each row and batch: column
+        names, or a mapping {batch name: column name} (null = NaN).
       assistant_marker: where "implicit_prompt" cuts the shared prefix.
       max_len: longest sequence per side, BOS and EOS included.
       max_prompt_len: longest prompt part, BOS included (default max_len // 2).
@@ -110,6 +144,7 @@ def build_preference_dataset(
 
     Raises:
       DataError: a bad row (in "error" mode), a missing column, or no usable rows.
+      SettingsError: an unknown format, or an extra field named like a batch field.
     """
     if format not in PREFERENCE_FORMATS:
         raise SettingsError(
@@ -118,15 +153,17 @@ def build_preference_dataset(
     if format == "auto":
         format = _detect(dataset, prompt_field, chosen_field)
         log.info("preference format detected: %s", format)
+    extras = _extra_columns(extra_fields)
     trunc = Truncator(tokenizer.bos_id, tokenizer.eos_id, max_len, max_prompt_len, on_long_prompt)
     fields = [chosen_field, rejected_field]
     has_prompt_col = prompt_field in dataset.column_names
     if format == "explicit" or (format == "conversational" and has_prompt_col):
         fields = [prompt_field, *fields]
+    fields += list(extras.values())
     optional = [margin_field] if margin_field else []
     reader = RowReader(dataset, fields, optional=optional, on_bad_row=on_bad_row)
 
-    keep, prompts, chosens, rejecteds, margins = [], [], [], [], []
+    keep, prompts, chosens, rejecteds, numbers = [], [], [], [], []
     for i in reader:
         try:
             if format == "explicit":
@@ -146,7 +183,8 @@ def build_preference_dataset(
                     chosen_field,
                     rejected_field,
                 )
-            m = reader.number(i, margin_field) if margin_field else 0.0
+            nums = {"margin": reader.number(i, margin_field) if margin_field else 0.0}
+            nums.update({k: reader.number(i, c, missing=math.nan) for k, c in extras.items()})
         except DataError as e:
             reader.bad(e)
             continue
@@ -154,7 +192,7 @@ def build_preference_dataset(
         prompts.append(p)
         chosens.append(c)
         rejecteds.append(r)
-        margins.append(m)
+        numbers.append(nums)
 
     p_ids = tokenizer.encode_batch(prompts)
     c_ids = tokenizer.encode_batch(chosens)
@@ -176,11 +214,13 @@ def build_preference_dataset(
                 "chosen_completion_start": c[1],
                 "rejected_input_ids": r[0],
                 "rejected_completion_start": r[1],
-                "margin": margins[j],
+                **numbers[j],
             }
         )
     stats = reader.finish(len(rows))
-    return TokenizedDataset("preference", rows, stats, tokenizer.pad_id, reader.name)
+    return TokenizedDataset(
+        "preference", rows, stats, tokenizer.pad_id, reader.name, extra_fields=tuple(extras)
+    )
 
 
 def _conversational(

@@ -11,43 +11,31 @@ once and cached on disk, shared by every run of a sweep (`reference="precomputed
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import gin
-import numpy as np
 
-from rlhf_jax import paths, settings
+from rlhf_jax import settings
 from rlhf_jax.data import pipeline  # noqa: F401  (registers @preference_data for gin)
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.dpo import DPOConfig, DPOHParams
 from rlhf_jax.train import ref_cache, stages
 from rlhf_jax.train.eval_hook import SampleEval
 from rlhf_jax.train.loop import LoopResult
-from rlhf_jax.train.stage import (
-    Recipe,
-    StageContext,
-    StageData,
-    pair_flops,
-    pair_tokens,
-    run_stage,
-)
-
-log = logging.getLogger(__name__)
-
-HostBatch = dict[str, np.ndarray]
-
+from rlhf_jax.train.pairs import PairRecipe, pair_stage_data
+from rlhf_jax.train.stage import StageContext, StageData, run_stage
 
 dpo_hparams = gin.external_configurable(DPOHParams.create, name="dpo_hparams", module="rlhf_jax")
 
 
-class DPORecipe(Recipe):
+class DPORecipe(PairRecipe):
     """The DPO part of the generic stage: preference data, the reference (frozen model or
     cached log-probs) and the end-of-run log line."""
 
-    name = "dpo_stage"
+    name, label = "dpo_stage", "DPO"
+    done_line = (("eval loss %.4f", "eval/loss"),
+                 ("eval accuracy %.3f", "eval/rewards/accuracies"),
+                 ("eval margin %.4f", "eval/rewards/margins"))  # fmt: skip
 
     def __init__(self, algorithm: DPOConfig, loss_hparams: DPOHParams, *, data, data_kwargs,
                  ref_cache_dir: str | None):  # fmt: skip
@@ -60,28 +48,16 @@ class DPORecipe(Recipe):
         kwargs["buckets"] = tuple(self.lengths["buckets"])
         if tokenizer is not None:
             kwargs["tokenizer"] = tokenizer
-        train_it, eval_it, tok = self._data(**kwargs)
-        summary = stages.truncation_summary(
-            {"train": getattr(train_it, "stats", None), "eval": getattr(eval_it, "stats", None)}
-        )
-        return StageData(train_it, eval_it, tok.vocab_size, self.lengths["buckets"][-1],
-                         tok.path, summary)  # fmt: skip
+        return pair_stage_data(*self._data(**kwargs), seq_len=self.lengths["buckets"][-1])
 
     def prepare(self, ctx, data, cfg, factory):
         algo = self.algorithm
         if not (algo.needs_reference and algo.reference == "precomputed"):
             return data
-        splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
-        splits, info = ref_cache.precompute_reference(
-            splits, cache_dir=self.ref_cache_dir or paths.cache_dir("ref_cache"),
-            lengths=self.lengths, init_from=ctx.init_from,
-            fresh_params=lambda: factory.init().policy.params,
-            graphdef=factory.abstract.policy.graphdef, model_cfg=cfg,
-            batch_size=ctx.batch_size, mesh=ctx.mesh, rules=ctx.rules,
+        return ref_cache.precompute_stage_reference(
+            data, ctx, cfg, factory, cache_dir=self.ref_cache_dir, lengths=self.lengths,
             chunk_size=algo.logits_chunk_size,
         )  # fmt: skip
-        return dataclasses.replace(data, train=splits["train"], eval=splits.get("eval"),
-                                   summary={**data.summary, **info})  # fmt: skip
 
     def frozen(self, ctx, cfg, factory):
         if not self.algorithm.uses_ref_params or cfg.lora_rank:  # LoRA: the base is the ref
@@ -92,22 +68,10 @@ class DPORecipe(Recipe):
             fresh=lambda: (graphdef, factory.init().policy.params),
         )  # fmt: skip
 
-    def count_tokens(self, batch: HostBatch) -> float:
-        return pair_tokens(batch)
-
-    def flops_per_batch(self, cfg: ModelConfig, batch: HostBatch) -> float:
+    def flops_per_batch(self, cfg: ModelConfig, batch) -> float:
         # A reference forward is ~1/3 of a training step's forward + backward.
-        return pair_flops(cfg, batch) * (4.0 / 3.0 if self.algorithm.uses_ref_params else 1.0)
-
-    def finish(self, ctx: StageContext, summary: dict[str, Any]) -> None:
-        log.info(
-            "DPO done: %d steps, eval loss %.4f, eval accuracy %.3f, eval margin %.4f, %.1f s",
-            summary["step"],
-            summary.get("eval/loss", float("nan")),
-            summary.get("eval/rewards/accuracies", float("nan")),
-            summary.get("eval/rewards/margins", float("nan")),
-            summary["wall_time_s"],
-        )
+        scale = 4.0 / 3.0 if self.algorithm.uses_ref_params else 1.0
+        return super().flops_per_batch(cfg, batch) * scale
 
 
 @gin.configurable

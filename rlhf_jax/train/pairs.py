@@ -1,18 +1,19 @@
-"""Preference pairs with their extra columns, as the reward-model stage reads them.
+"""Preference pairs for the stages that train on them (the reward model, the DPO family).
 
-`reward_preference_data` (gin) loads preference pairs with the data pipeline and adds the float
-columns the reward metrics use when the data has them: the gold judge's `chosen_score` /
-`rejected_score` and the labeller's `label_prob` (or, from a `temperature` column,
-sigmoid((chosen_score - rejected_score) / temperature)). The pipeline only carries `margin`, so
-each row's position travels through its margin field and the extra columns are looked up
-afterwards (robust to rows the pipeline drops).
+Both stages read pairs through the one loader, `data.pipeline.build_preference_splits` (margin
+and named per-pair float columns carried through, validated alike), and share what follows it:
+`pair_stage_data` turns the loader's iterators into the stage's `StageData`, and `PairRecipe`
+counts a pair batch's tokens and FLOPs.
+
+`reward_preference_data` (gin) is the reward model's data: that loader asked, as extra fields,
+for the gold judge's `chosen_score` / `rejected_score` and the labeller's `label_prob` when
+every split has them (or, from a `temperature` column, sigmoid((chosen_score - rejected_score)
+/ temperature)), which the reward metrics use.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -20,102 +21,78 @@ import gin
 import numpy as np
 
 from rlhf_jax import settings
-from rlhf_jax.data.batching import collate_preference
-from rlhf_jax.data.errors import DataError
-from rlhf_jax.data.examples import RowReader, TokenizedDataset
-from rlhf_jax.data.pipeline import train_and_eval_iterators
-from rlhf_jax.data.preference import build_preference_dataset
+from rlhf_jax.data.examples import TokenizedDataset
+from rlhf_jax.data.pipeline import build_preference_splits, train_and_eval_iterators
 from rlhf_jax.data.sources import load_source
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.reward import GOLD_FIELDS, LABEL_PROB_FIELD
 from rlhf_jax.train import stages
-from rlhf_jax.train.stage import StageData
-
-log = logging.getLogger(__name__)
+from rlhf_jax.train.stage import Recipe, StageData, pair_flops, pair_tokens
 
 HostBatch = dict[str, np.ndarray]
-_ROW_FIELD = "_reward_row"
+TEMPERATURE_FIELD = "temperature"
 
 
-def _float_column(ds: datasets.Dataset, name: str | None) -> np.ndarray | None:
-    """A column as float64 (NaN for null or non-numeric), or None when absent."""
-    if not name or name not in ds.column_names:
-        return None
-    out = np.full(len(ds), np.nan)
-    for i, v in enumerate(ds[name]):
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[i] = float(v)
-    return out
+class PairRecipe(Recipe):
+    """A `Recipe` whose batches are preference pairs: tokens and FLOPs count both sides."""
+
+    def count_tokens(self, batch: HostBatch) -> float:
+        return pair_tokens(batch)
+
+    def flops_per_batch(self, cfg: ModelConfig, batch: HostBatch) -> float:
+        return pair_flops(cfg, batch)
 
 
-def _extra_columns(
-    ds: datasets.Dataset, gold: Sequence[str], label_prob: str | None, temperature: str | None
-) -> dict[str, np.ndarray]:
-    """Per-row float columns for the batch: gold scores and the label probability."""
+def pair_stage_data(
+    train: Iterator[HostBatch],
+    eval: Iterable[HostBatch] | None,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    summary: Mapping[str, Any] | None = None,
+) -> StageData:
+    """`StageData` of the pair loader's iterators; its summary is `summary` and the splits'
+    truncation counts."""
+    stats = {"train": getattr(train, "stats", None), "eval": getattr(eval, "stats", None)}
+    summary = {**(summary or {}), **stages.truncation_summary(stats)}
+    return StageData(train, eval, tokenizer.vocab_size, seq_len, tokenizer.path, summary)
+
+
+def _gold_fields(
+    splits: Mapping[str, datasets.Dataset],
+    gold: Sequence[str],
+    label_prob: str | None,
+    temperature: str | None,
+) -> dict[str, str]:
+    """The reward metrics' extra fields every split has, {batch name: column}, sorted."""
+
+    def everywhere(column: str | None) -> bool:
+        return bool(column) and all(column in ds.column_names for ds in splits.values())
+
     out = {}
-    scores = [_float_column(ds, c) for c in gold]
-    if all(s is not None for s in scores):
-        out.update(zip(GOLD_FIELDS, scores, strict=True))
-    p = _float_column(ds, label_prob)
-    temp = _float_column(ds, temperature)
-    if p is None and temp is not None and GOLD_FIELDS[0] in out:
-        with np.errstate(all="ignore"):
-            z = (out["chosen_score"] - out["rejected_score"]) / temp
-            p = 1.0 / (1.0 + np.exp(-z))
-    if p is not None:
-        out[LABEL_PROB_FIELD] = p
-    return out
+    if len(gold) == len(GOLD_FIELDS) and all(everywhere(c) for c in gold):
+        out.update(zip(GOLD_FIELDS, gold, strict=True))
+    if everywhere(label_prob):
+        out[LABEL_PROB_FIELD] = label_prob
+    elif out and everywhere(temperature):
+        out[TEMPERATURE_FIELD] = temperature  # becomes label_prob (`_label_prob_from_temperature`)
+    return dict(sorted(out.items()))
 
 
-def _checked_margins(
-    ds: datasets.Dataset, column: str, on_bad_row: str
-) -> tuple[datasets.Dataset, np.ndarray | None]:
-    """The margin column validated exactly as the DPO loader does (`RowReader.number`: a
-    finite number or null; "abc", NaN, "2.0" are bad rows naming file, row and field).
-
-    Returns:
-      The split (without the bad rows under on_bad_row="skip") and its margins (None when
-      the column is absent).
-    """
-    if column not in ds.column_names:
-        return ds, None
-    reader = RowReader(ds, [], optional=[column], on_bad_row=on_bad_row)
-    keep, margins = [], []
-    for i in reader:
-        try:
-            margins.append(reader.number(i, column))
-            keep.append(i)
-        except DataError as e:
-            reader.bad(e)  # raises under "error"
-    if len(keep) < len(ds):
-        log.warning("%s: %d row(s) with a bad %r skipped", reader.name, len(ds) - len(keep), column)
-        ds = ds.select(keep)
-    return ds, np.asarray(margins, dtype=np.float64)
-
-
-def _with_extras(
-    built: TokenizedDataset,
-    ds: datasets.Dataset,
-    margin: np.ndarray | None,
-    extras: Mapping[str, np.ndarray],
-) -> TokenizedDataset:
-    rows = []
-    for row in built.rows:
-        i = int(row["margin"])  # the row's position, carried through the margin field
-        new = dict(row, margin=0.0 if margin is None or np.isnan(margin[i]) else margin[i])
-        new.update({k: float(v[i]) for k, v in extras.items()})
-        rows.append(new)
-    return TokenizedDataset("preference", rows, built.stats, built.pad_id, built.name)
-
-
-def collate_reward_pairs(
-    rows: Sequence[dict | None], length: int, *, pad_id: int, extras: Sequence[str] = ()
-) -> HostBatch:
-    """Preference batch (`collate_preference`) plus float32 [B] `extras` (NaN on padding)."""
-    out = collate_preference(rows, length, pad_id=pad_id)
-    for name in extras:
-        out[name] = np.asarray([np.nan if r is None else r[name] for r in rows], np.float32)
-    return out
+def _label_prob_from_temperature(pairs: TokenizedDataset) -> TokenizedDataset:
+    """The pairs with `label_prob` = sigmoid((chosen_score - rejected_score) / temperature), the
+    Bradley-Terry labeller's probability, in place of their `temperature` field."""
+    c, r, temp = (np.asarray([row[k] for row in pairs.rows], np.float64)
+                  for k in (*GOLD_FIELDS, TEMPERATURE_FIELD))  # fmt: skip
+    with np.errstate(all="ignore"):
+        z = (c - r) / temp
+        p = 1.0 / (1.0 + np.exp(-z))
+    rows = [
+        {**{k: v for k, v in row.items() if k != TEMPERATURE_FIELD}, LABEL_PROB_FIELD: float(x)}
+        for row, x in zip(pairs.rows, p, strict=True)
+    ]
+    fields = sorted({*pairs.extra_fields, LABEL_PROB_FIELD} - {TEMPERATURE_FIELD})
+    return pairs.with_rows(rows, fields)
 
 
 @gin.configurable
@@ -129,7 +106,7 @@ def reward_preference_data(
     columns: Mapping[str, str] | None = None,
     gold_columns: Sequence[str] = GOLD_FIELDS,
     label_prob_column: str | None = LABEL_PROB_FIELD,
-    temperature_column: str | None = "temperature",
+    temperature_column: str | None = TEMPERATURE_FIELD,
     buckets: Sequence[int] = (64, 128, 256),
     max_len: int | None = None,
     max_prompt_len: int | None = None,
@@ -163,48 +140,19 @@ def reward_preference_data(
     if tokenizer is None:
         raise ValueError("reward_preference_data needs a tokenizer (or an SFT run to take it from)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
-    cols = dict(columns or {})
-    margin_col = cols.pop("margin", "margin")
-    fields = {f"{k}_field": v for k, v in cols.items()}
     splits = load_source(source, split_fraction=split_fraction, seed=seed, file_format=file_format)
-    built: dict[str, TokenizedDataset] = {}
-    extra_names: set[str] | None = None
-    for name, ds in splits.items():
-        ds, margin = _checked_margins(ds, margin_col, on_bad_row)
-        ds = ds.add_column(_ROW_FIELD, np.arange(len(ds), dtype=np.int64))
-        tokenized = build_preference_dataset(
-            ds,
-            tok,
-            format=format,
-            margin_field=_ROW_FIELD,
-            max_len=max(buckets) if max_len is None else max_len,
-            max_prompt_len=max_prompt_len,
-            on_bad_row=on_bad_row,
-            on_long_prompt=on_long_prompt,
-            **fields,
-        )
-        extras = _extra_columns(ds, gold_columns, label_prob_column, temperature_column)
-        names = set(extras)
-        extra_names = names if extra_names is None else extra_names & names
-        built[name] = _with_extras(tokenized, ds, margin, extras)
-    extra_names = sorted(extra_names or ())
-    collate = functools.partial(collate_reward_pairs, pad_id=tok.pad_id, extras=extra_names)
+    extras = _gold_fields(splits, gold_columns, label_prob_column, temperature_column)
+    built = build_preference_splits(
+        splits, tok, max_len=max(buckets) if max_len is None else max_len, format=format,
+        columns={**(columns or {}), **extras}, extra_fields=tuple(extras),
+        max_prompt_len=max_prompt_len, on_bad_row=on_bad_row, on_long_prompt=on_long_prompt,
+    )  # fmt: skip
+    if TEMPERATURE_FIELD in extras:
+        built = {name: _label_prob_from_temperature(pairs) for name, pairs in built.items()}
     train, ev = train_and_eval_iterators(
-        built,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        buckets=buckets,
-        seed=seed,
-        collate_fn=collate,
+        built, batch_size=batch_size, eval_batch_size=eval_batch_size, buckets=buckets, seed=seed
     )
-    summary = {f"data/{k}_pairs": len(v) for k, v in built.items()}
-    summary.update(stages.truncation_summary({k: v.stats for k, v in built.items()}))
-    summary["data/columns"] = ",".join(extra_names) or "none"
-    return StageData(
-        train=train,
-        eval=ev,
-        vocab_size=tok.vocab_size,
-        seq_len=max(buckets),
-        tokenizer_path=tok.path,
-        summary=summary,
-    )
+    data = pair_stage_data(train, ev, tok, max(buckets), {f"data/{k}_pairs": len(v)
+                                                         for k, v in built.items()})  # fmt: skip
+    data.summary["data/columns"] = ",".join(built["train"].extra_fields) or "none"
+    return data

@@ -44,12 +44,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import atomic, partitioning
+from rlhf_jax import atomic, partitioning, paths
 from rlhf_jax.data.batching import BatchIterator
 from rlhf_jax.data.examples import TokenizedDataset
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.rundir import CHECKPOINT_DIR, MODEL_INFO, load_params, resolve_run_dir
 from rlhf_jax.steps.dpo import REF_FIELDS, pair_sequence_logps
+from rlhf_jax.steps.state import StateFactory
+from rlhf_jax.train.stage import StageContext, StageData
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +330,7 @@ def attach_reference_logps(
         {**row, REF_FIELDS[0]: float(c), REF_FIELDS[1]: float(r)}
         for row, c, r in zip(examples.rows, chosen, rejected, strict=True)
     ]
-    return TokenizedDataset(examples.kind, rows, examples.stats, examples.pad_id, examples.name)
+    return examples.with_rows(rows)
 
 
 def collate_with_reference(examples: TokenizedDataset) -> Callable:
@@ -448,3 +450,34 @@ def precompute_reference(
         hits.append(entry.hit)
     info["ref_cache/hit"] = all(hits)
     return out, info
+
+
+def precompute_stage_reference(
+    data: StageData,
+    ctx: StageContext,
+    cfg: ModelConfig,
+    factory: StateFactory,
+    *,
+    cache_dir: str | None,
+    lengths: dict[str, Any],
+    chunk_size: int,
+) -> StageData:
+    """A stage's data with reference log-probs attached to its splits (`precompute_reference`):
+    the reference is the stage's `init_from` or, without one, its freshly initialised policy.
+
+    Args:
+      data: the stage's data (preference-pair iterators).
+      ctx, cfg, factory: the stage's context, model config and state factory.
+      cache_dir: the cache directory (None: `$RLHF_JAX_CACHE/ref_cache`).
+      lengths: the length settings (`length_settings`), part of the cache key.
+      chunk_size: positions per chunk of the log-prob computation.
+    """
+    splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    splits, info = precompute_reference(
+        splits, cache_dir=cache_dir or paths.cache_dir("ref_cache"), lengths=lengths,
+        init_from=ctx.init_from, fresh_params=lambda: factory.init().policy.params,
+        graphdef=factory.abstract.policy.graphdef, model_cfg=cfg, batch_size=ctx.batch_size,
+        mesh=ctx.mesh, rules=ctx.rules, chunk_size=chunk_size,
+    )  # fmt: skip
+    return dataclasses.replace(data, train=splits["train"], eval=splits.get("eval"),
+                               summary={**data.summary, **info})  # fmt: skip

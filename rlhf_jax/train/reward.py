@@ -19,14 +19,14 @@ import gin
 import jax
 
 from rlhf_jax import settings
-from rlhf_jax.models import ModelConfig
 from rlhf_jax.reward_scoring import RewardNormalization
 from rlhf_jax.steps.reward import RewardConfig, RewardHParams
-from rlhf_jax.train import pairs, stages  # noqa: F401  (pairs registers @reward_preference_data)
+from rlhf_jax.train import stages
 from rlhf_jax.train.loop import LoopResult
 from rlhf_jax.train.metrics import write_json_atomic
+from rlhf_jax.train.pairs import PairRecipe, reward_preference_data  # noqa: F401  (gin)
 from rlhf_jax.train.reward_init import freeze_trunk_updates, reward_state_factory
-from rlhf_jax.train.stage import Recipe, StageContext, StageData, pair_flops, pair_tokens, run_stage
+from rlhf_jax.train.stage import StageContext, StageData, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,15 @@ def write_normalization(run_dir: Path, summary: Mapping[str, Any], num_heads: in
     norm.save(run_dir)
 
 
-class RewardRecipe(Recipe):
+class RewardRecipe(PairRecipe):
     """The reward-model part of the generic stage."""
 
-    name = "reward_stage"
+    name, label = "reward_stage", "reward model"
     model_class = "ScalarModel"
     supports_lora = False  # gin/algorithms/lora.gin would freeze the whole model
+    done_line = (("eval loss %.4f", "eval/loss"), ("accuracy %.3f", "eval/accuracy"),
+                 ("gold agreement %.3f", "eval/gold/agreement"),
+                 ("gold ceiling %.3f", "eval/gold/ceiling"))  # fmt: skip
 
     def __init__(self, algorithm: RewardConfig, loss_hparams: RewardHParams, *, data,
                  normalize: bool):  # fmt: skip
@@ -78,12 +81,6 @@ class RewardRecipe(Recipe):
         )  # fmt: skip
         return factory
 
-    def count_tokens(self, batch) -> float:
-        return pair_tokens(batch)
-
-    def flops_per_batch(self, cfg: ModelConfig, batch) -> float:
-        return pair_flops(cfg, batch)
-
     def summary_extra(self, ctx: StageContext) -> dict[str, Any]:
         return {"reward/init_from": str(ctx.init_from),
                 "reward/num_heads": self.algorithm.num_heads,
@@ -95,15 +92,7 @@ class RewardRecipe(Recipe):
             summary["reward/normalized"] = (ctx.run_dir / "reward_norm.json").exists()
             if jax.process_index() == 0:  # summary.json stays the last file written
                 write_json_atomic(ctx.run_dir / "summary.json", summary)
-        fmt = {k: summary.get(f"eval/{k}", float("nan")) for k in ("loss", "accuracy")}
-        fmt.update({k: summary.get(f"eval/gold/{k}", float("nan"))
-                    for k in ("agreement", "ceiling")})  # fmt: skip
-        log.info(
-            "reward model done: %d steps, eval loss %.4f, accuracy %.3f, gold agreement %.3f "
-            "(ceiling %.3f), %.1f s",
-            summary["step"], fmt["loss"], fmt["accuracy"], fmt["agreement"], fmt["ceiling"],
-            summary["wall_time_s"],
-        )  # fmt: skip
+        super().finish(ctx, summary)
 
 
 @gin.configurable

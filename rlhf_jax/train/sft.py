@@ -6,10 +6,7 @@ returning `StageData`: `@pipeline_sft_data` or `@synthetic_sft_data` (train/sft_
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable
-from typing import Any
 
 import gin
 
@@ -19,13 +16,13 @@ from rlhf_jax.train.loop import LoopResult
 from rlhf_jax.train.sft_data import pipeline_sft_data, synthetic_sft_data  # noqa: F401  (gin)
 from rlhf_jax.train.stage import Recipe, StageContext, StageData, run_stage
 
-log = logging.getLogger(__name__)
-
 
 class SFTRecipe(Recipe):
     """The SFT part of the generic stage: its data callable and the end-of-run log line."""
 
-    name = "sft_stage"
+    name, label = "sft_stage", "SFT"
+    done_line = (("eval loss %.4f", "eval/loss"),
+                 ("unigram baseline %.4f", "baseline/unigram_eval_loss"))  # fmt: skip
 
     def __init__(self, algorithm: SFTConfig, data: Callable[..., StageData]):
         super().__init__(algorithm)
@@ -34,15 +31,6 @@ class SFTRecipe(Recipe):
     def data(self, ctx: StageContext, tokenizer: str | None) -> StageData:
         del tokenizer  # the data source brings its own (a policy's tokenizer is the corpus's)
         return self._data(batch_size=ctx.batch_size, seed=ctx.seed)
-
-    def finish(self, ctx: StageContext, summary: dict[str, Any]) -> None:
-        log.info(
-            "SFT done: %d steps, eval loss %.4f vs unigram baseline %.4f, %.1f s",
-            summary["step"],
-            summary.get("eval/loss", math.nan),
-            summary.get("baseline/unigram_eval_loss", math.nan),
-            summary["wall_time_s"],
-        )
 
 
 @gin.configurable

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,15 @@ class Recipe:
       loss_hparams: its traced loss hyperparameters.
       model_class / model_kwargs: the trained model (a policy `Transformer` by default).
       supports_lora: whether gin/algorithms/lora.gin may turn on adapters.
+      label / done_line: the end-of-run log line, "<label> done: N steps, <done_line>, T s",
+        where `done_line` holds (printf text, summary key) pairs (a missing key prints nan).
     """
 
     name: str = "stage"
     model_class: str = "Transformer"
     supports_lora: bool = True
+    label: str = ""
+    done_line: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, algorithm: Algorithm, loss_hparams: Any = None):
         self.algorithm, self.loss_hparams = algorithm, loss_hparams
@@ -142,9 +147,14 @@ class Recipe:
         return {}
 
     def finish(self, ctx: StageContext, summary: dict[str, Any]) -> None:
-        """Host-side work once the run is done (summary.json is written)."""
-        log.info("%s done: %d iterations, %.1f s", self.name, summary["step"],
-                 summary["wall_time_s"])  # fmt: skip
+        """Host-side work once the run is done (summary.json is written): by default the
+        end-of-run log line."""
+        del ctx
+        unit = "steps" if self.algorithm.optimizer_steps_per_iteration == 1 else "iterations"
+        parts = [f"{summary['step']} {unit}"]
+        parts += [text % summary.get(key, math.nan) for text, key in self.done_line]
+        parts.append(f"{summary['wall_time_s']:.1f} s")
+        log.info("%s done: %s", self.label or self.name, ", ".join(parts))
 
 
 def _model_config(recipe: Recipe, ctx: StageContext, vocab_size: int, match: bool):
