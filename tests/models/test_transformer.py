@@ -22,6 +22,24 @@ def _ids(b=3, t=12, seed=0, vocab=2048):
     return jnp.asarray(np.random.default_rng(seed).integers(3, vocab, (b, t)), jnp.int32)
 
 
+def _prefill_then_decode(m, ids, prefill: int, slots: int) -> jax.Array:
+    """Logits of `ids` [B, T] from a KV-cache prefill of the first `prefill` tokens, then one
+    token at a time (slot i holds token i), concatenated as [B, T, V]."""
+    b, t = ids.shape
+    cache = m.init_cache(b, slots, jnp.float32)
+    slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1)
+    pos = jnp.broadcast_to(jnp.arange(prefill), (b, prefill))
+    logits, cache = m(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
+    outs = [logits]
+    for i in range(prefill, t):
+        slot_mask = slot_mask.at[:, i].set(1)
+        logits, cache = m(
+            ids[:, i : i + 1], slot_mask, jnp.full((b, 1), i), cache=cache, cache_index=i
+        )
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_param_count_matches_config(preset):
     cfg = model_config(preset)
@@ -62,18 +80,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(preset):
     b, t, prefill, slots = 3, 12, 7, 20
     ids = _ids(b, t)
     ref = m(ids)
-    cache = m.init_cache(b, slots, jnp.float32)
-    slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1)
-    pos = jnp.broadcast_to(jnp.arange(prefill), (b, prefill))
-    logits, cache = m(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
-    outs = [logits]
-    for i in range(prefill, t):
-        slot_mask = slot_mask.at[:, i].set(1)
-        logits, cache = m(
-            ids[:, i : i + 1], slot_mask, jnp.full((b, 1), i), cache=cache, cache_index=i
-        )
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
+    decoded = _prefill_then_decode(m, ids, prefill, slots)
+    np.testing.assert_allclose(decoded, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("decode", ["einsum", "reduce"])
@@ -90,18 +98,8 @@ def test_sliding_window_same_in_full_forward_and_cached_decode(decode):
     wide = full(ids)
     np.testing.assert_allclose(wide[:, :3], ref[:, :3], atol=1e-6, rtol=0)
     assert float(jnp.abs(wide[:, 3:] - ref[:, 3:]).max(axis=-1).min()) > 1e-4  # every one
-    cache = m.init_cache(b, slots, jnp.float32)
-    slot_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefill].set(1)
-    pos = jnp.broadcast_to(jnp.arange(prefill), (b, prefill))
-    logits, cache = m(ids[:, :prefill], slot_mask, pos, cache=cache, cache_index=0)
-    outs = [logits]
-    for i in range(prefill, t):
-        slot_mask = slot_mask.at[:, i].set(1)
-        logits, cache = m(
-            ids[:, i : i + 1], slot_mask, jnp.full((b, 1), i), cache=cache, cache_index=i
-        )
-        outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-5, rtol=1e-5)
+    decoded = _prefill_then_decode(m, ids, prefill, slots)
+    np.testing.assert_allclose(decoded, ref, atol=1e-5, rtol=1e-5)
 
 
 def _fused_copy(m: Transformer) -> Transformer:
