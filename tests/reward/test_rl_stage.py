@@ -104,9 +104,9 @@ def test_sigterm_resume_is_bitwise_the_uninterrupted_run(tmp_path, rm_task, rm_s
              "--gin.SAMPLES_PER_PROMPT=1", "--gin.KL_TARGET=0.5")  # fmt: skip
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert _train(_args(whole, rm_sft_run, rm_run, rm_task, "ppo", *extra)) == 0
-    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=3")
+    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=2")
     assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "ppo", *extra, *stop)) == 0
-    assert not (parts / "summary.json").exists()  # preempted after the checkpoint of step 2
+    assert not (parts / "summary.json").exists()  # preempted: checkpoint of step 3, then exit 0
     assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "ppo", *extra)) == 0
     a, b = _train_records(whole), _train_records(parts)
     assert a == b
