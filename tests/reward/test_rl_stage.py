@@ -68,9 +68,10 @@ def _train_records(run: Path) -> dict[int, dict]:
     return out
 
 
-def test_rloo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_run):
-    run = tmp_path / "rloo"
-    assert _train(_args(run, rm_sft_run, rm_run, rm_task)) == 0
+def test_ppo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_run):
+    """PPO: the critic starts from the reward model; GAE; epochs x minibatches per iteration."""
+    run = tmp_path / "ppo"
+    assert _train(_args(run, rm_sft_run, rm_run, rm_task, "ppo")) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == STEPS and summary["status"] == "done"
     # One program, compiled once, for every iteration.
@@ -79,7 +80,8 @@ def test_rloo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_
     assert sorted(records) == list(range(1, STEPS + 1))
     last = records[STEPS]
     for key in ("reward/proxy", "kl/k1", "kl/k3", "entropy", "ppo/clipfrac", "response/length",
-                "sampler/logp_gap_abs", "advantages/mean", "loss/policy", "lr"):  # fmt: skip
+                "sampler/logp_gap_abs", "advantages/mean", "loss/policy", "lr",
+                "value/explained_var", "loss/value", "grad_norm/value"):  # fmt: skip
         assert np.isfinite(last[f"train/{key}"]), key
     timed = [r for r in _records(run) if "train/time/rollout_s" in r]
     assert timed and all(
@@ -99,15 +101,15 @@ def test_rloo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_
 
 
 def test_sigterm_resume_is_bitwise_the_uninterrupted_run(tmp_path, rm_task, rm_sft_run, rm_run):
-    """PPO with the adaptive KL controller and running reward moments (both in state.extra)."""
+    """RLOO with the adaptive KL controller and running reward moments (in state.extra)."""
     extra = ("--gin.KL_CONTROLLER='adaptive'", "--gin.REWARD_NORM='running'",
-             "--gin.SAMPLES_PER_PROMPT=1", "--gin.KL_TARGET=0.5")  # fmt: skip
+             "--gin.KL_TARGET=0.5", "--gin.rl_stage.eval_hook=None")  # fmt: skip
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _train(_args(whole, rm_sft_run, rm_run, rm_task, "ppo", *extra)) == 0
+    assert _train(_args(whole, rm_sft_run, rm_run, rm_task, "rloo", *extra)) == 0
     stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=2")
-    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "ppo", *extra, *stop)) == 0
+    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *extra, *stop)) == 0
     assert not (parts / "summary.json").exists()  # preempted: checkpoint of step 3, then exit 0
-    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "ppo", *extra)) == 0
+    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *extra)) == 0
     a, b = _train_records(whole), _train_records(parts)
     assert a == b
     # The controller really moved (so equality covers its restored state), and so did the
