@@ -154,3 +154,32 @@ def test_reward_model_with_another_tokenizer_exits_2(tmp_path, rm_task, rm_sft_r
     err = capsys.readouterr().err
     assert code == 2
     assert "REWARD_RUN" in err and "tokenizer" in err and "Traceback" not in err
+
+
+def test_gold_scorer_in_a_jitted_program_equals_the_judge(rm_task):
+    """REWARD_SOURCE='gold': the host judge inside the compiled iteration scores the decoded
+    prompt + completion exactly as the judge scores those texts."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.data.tasks import judges
+    from rlhf_jax.steps.rollout import Rollout
+    from rlhf_jax.train.rl import gold_scorer
+
+    tok = rm_task.tokenizer()
+    prompts, completions = ["the food was", "service felt"], [" great and lovely", " awful, rude"]
+    p_ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    c_ids = [tok.encode(c) + [tok.eos_id] for c in completions]
+    P, N = max(map(len, p_ids)), max(map(len, c_ids)) + 2
+    pid, pmask = np.zeros((2, P), np.int32), np.zeros((2, P), np.int32)
+    cid, cmask = np.zeros((2, N), np.int32), np.zeros((2, N), np.int32)
+    for i, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
+        pid[i, P - len(p) :], pmask[i, P - len(p) :] = p, 1  # left-padded prompts
+        cid[i, : len(c)], cmask[i, : len(c)] = c, 1  # right-padded completions
+    ro = Rollout(jnp.asarray(pid), jnp.asarray(pmask), jnp.asarray(cid), jnp.asarray(cmask),
+                 jnp.zeros((2, N), jnp.float32))  # fmt: skip
+    got = jax.jit(gold_scorer(rm_task.tokenizer_path))(None, ro)
+    texts = [tok.decode(p[1:] + c[:-1]) for p, c in zip(p_ids, c_ids, strict=True)]
+    want = judges.gold_reward(texts)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    assert want[0] > 0 > want[1]  # the judge tells the two apart: the test compares real scores
