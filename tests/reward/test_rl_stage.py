@@ -71,9 +71,14 @@ def _train_records(run: Path) -> dict[int, dict]:
 def test_ppo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_run):
     """PPO: the critic starts from the reward model; GAE; epochs x minibatches per iteration."""
     run = tmp_path / "ppo"
-    assert _train(_args(run, rm_sft_run, rm_run, rm_task, "ppo")) == 0
+    epochs, minibatches = 2, 2
+    nan = ("--gin.rl_stage.debug_nan_step=1", f"--gin.EPOCHS={epochs}",
+           f"--gin.NUM_MINIBATCHES={minibatches}")  # fmt: skip
+    assert _train(_args(run, rm_sft_run, rm_run, rm_task, "ppo", *nan)) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == STEPS and summary["status"] == "done"
+    # The poisoned iteration's optimiser steps were all skipped, and only those.
+    assert summary["nonfinite/skipped"] == epochs * minibatches
     # One program, compiled once, for every iteration.
     assert summary["compile/step_traces"] == 1
     records = _train_records(run)
