@@ -11,7 +11,9 @@ then:
 2. jits the step once, inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`, with
    explicit in/out shardings and `donate_argnums=0` (the state only: frozen models are never
    donated; a trace counter guards recompilation). The loop counts iterations; an iteration
-   may take several optimiser steps (`optimizer_steps_per_iteration`);
+   may take several optimiser steps (`optimizer_steps_per_iteration`). An iteration around
+   host-side work (a judge that runs on the host) is a `HostSplit`: two programs, the host
+   function between them;
 3. feeds global batches (`partitioning.make_global_batch`, each process its own rows), shows a
    tqdm bar, logs to metrics.jsonl + TensorBoard, evaluates and checkpoints periodically;
 4. handles faults: SIGTERM -> checkpoint and return (exit 0); non-finite loss/gradients ->
@@ -22,6 +24,7 @@ then:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -50,6 +53,29 @@ log = logging.getLogger(__name__)
 HostBatch = dict[str, np.ndarray]
 StepFn = Callable[[Any, Frozen, dict, jax.Array, Any], tuple[Any, dict]]
 EvalFn = Callable[[Any, Frozen, dict, jax.Array, Any], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSplit:
+    """One iteration as two programs around host-side work (e.g. a judge that only runs on
+    the host): `before` -> fetch `to_host` -> `host` -> place its result -> `after`.
+
+    Attributes:
+      before: `(state, frozen, batch, rng, hparams) -> (carry, to_host)`, pure: the first
+        program (it must not change the state). `carry` stays on the devices for `after`;
+        `to_host` (e.g. token ids, never parameters) is fetched to the host.
+      host: numpy `to_host` -> numpy pytree (e.g. one score per row); runs in the loop's
+        thread between the two programs, outside any trace.
+      after: `(state, frozen, carry, from_host, rng, hparams) -> (state, metrics)`, pure: the
+        second program (the state is donated to it; `from_host` arrives replicated).
+      timing: three metric names for the wall time (s) of `before`, `host` and `after`,
+        measured on the host (the iteration then waits for `after` to finish), or None.
+    """
+
+    before: Callable[..., tuple[Any, Any]]
+    host: Callable[[Any], Any]
+    after: Callable[..., tuple[Any, dict]]
+    timing: tuple[str, str, str] | None = None
 
 
 @gin.configurable
@@ -129,7 +155,8 @@ class LoopSpec:
 
     Attributes:
       step_fn: `(state, frozen, batch, rng, hparams) -> (state, metrics)`, pure, static
-        config bound; one iteration.
+        config bound; one iteration. Or a `HostSplit`: the iteration in two programs around
+        host-side work.
       state: abstract state with shardings + fresh initialiser (`steps.state.state_factory`).
       frozen: returns the frozen models (`steps.state.Frozen`, sharded); called on every
         start, fresh or resumed (None: no frozen models).
@@ -149,7 +176,7 @@ class LoopSpec:
         RUN_DIR/samples.jsonl); its metrics are logged under `eval/`.
     """
 
-    step_fn: StepFn
+    step_fn: StepFn | HostSplit
     state: StateFactory
     hparams: Any
     train_data: Iterator[HostBatch]
@@ -185,6 +212,35 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def _split_step(split: HostSplit, before, after, rep, state, frozen, batch, rng, hp):
+    """One iteration of a `HostSplit` with its two jitted programs (see `HostSplit`)."""
+    t0 = time.perf_counter()
+    carry, to_host = before(state, frozen, batch, rng, hp)
+    # The iteration's only transfers, deliberate (a test runs iterations under
+    # jax.transfer_guard("disallow_explicit")): what `before` hands the host, and the host
+    # function's result back. Parameters stay on their devices.
+    with jax.transfer_guard("allow"):
+        if all(x.is_fully_addressable for x in jax.tree.leaves(to_host)):
+            host_in = jax.device_get(to_host)  # waits for the first program
+        else:
+            host_in = multihost_utils.process_allgather(to_host, tiled=True)
+    t1 = time.perf_counter()
+    host_out = jax.tree.map(np.asarray, split.host(host_in))
+    with jax.transfer_guard("allow"):
+        from_host = jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, rep, x.__getitem__), host_out
+        )
+    t2 = time.perf_counter()
+    state, metrics = after(state, frozen, carry, from_host, rng, hp)
+    if split.timing is not None:
+        jax.block_until_ready((state, metrics))
+        t3 = time.perf_counter()
+        names = split.timing
+        metrics = {**metrics, names[0]: np.float32(t1 - t0), names[1]: np.float32(t2 - t1),
+                   names[2]: np.float32(t3 - t2)}  # fmt: skip
+    return state, metrics
+
+
 class _Run:
     """One execution of the loop (keeps the mutable host-side bookkeeping together)."""
 
@@ -202,6 +258,7 @@ class _Run:
             async_save=cfg.async_checkpointing,
         )
         self.step_traces = 0
+        self.programs = 1  # compiled programs per batch shape (2 for a HostSplit)
         self.jeval = None
         self.batch_shapes: set[tuple] = set()
         self.last_eval: dict[str, float] = {}
@@ -283,6 +340,10 @@ class _Run:
         return {k: partitioning.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
     def compile_step(self, batch: dict[str, jax.Array]) -> None:
+        if isinstance(self.spec.step_fn, HostSplit):
+            self.jstep = self._compile_split(batch, self.spec.step_fn)
+            return
+
         def counted(state, frozen, batch, rng, hp):
             self.step_traces += 1  # runs at trace time only
             return self.spec.step_fn(state, frozen, batch, rng, hp)
@@ -301,6 +362,33 @@ class _Run:
             out_shardings=(state_sh, self.rep),
             donate_argnums=0,
         )
+
+    def _compile_split(self, batch: dict[str, jax.Array], split: HostSplit) -> Callable:
+        """The two programs of a `HostSplit` (each counted in `step_traces`) and the host
+        function between them, as one step callable."""
+
+        def counted(fn):
+            def traced(*args):
+                self.step_traces += 1  # runs at trace time only
+                return fn(*args)
+
+            return traced
+
+        self.programs = 2
+        state_sh, frozen_sh = self.spec.state.shardings, self.frozen_shardings
+        hp_sh = jax.tree.map(lambda _: self.rep, self.hp)
+        before = jax.jit(
+            counted(split.before),
+            in_shardings=(state_sh, frozen_sh, self._batch_shardings(batch), self.rep, hp_sh),
+        )
+        # The carry keeps the first program's shardings (None: taken from the arrays).
+        after = jax.jit(
+            counted(split.after),
+            in_shardings=(state_sh, frozen_sh, None, self.rep, self.rep, hp_sh),
+            out_shardings=(state_sh, self.rep),
+            donate_argnums=0,
+        )
+        return functools.partial(_split_step, split, before, after, self.rep)
 
     def evaluate(self) -> dict[str, float]:
         metrics = self._eval_sums()
@@ -391,7 +479,7 @@ class _Run:
         record.update(thr.report())
         self.last_train = record
         self.check_nonfinite()
-        if self.step_traces > len(self.batch_shapes):
+        if self.step_traces > self.programs * len(self.batch_shapes):
             log.warning(
                 "the step was traced %d times for %d batch shapes: something recompiles it "
                 "(a Python value in hparams or the state that changes?)",

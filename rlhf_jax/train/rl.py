@@ -5,16 +5,19 @@ the pure iteration of `steps.rl`.
 is also the frozen reference) on prompts from the task's prompt data: one loop iteration is one
 batch of `prompts_per_iteration` prompts -> rollout (k samples each) -> score -> reference and
 value forwards -> advantages -> `epochs x num_minibatches` optimiser steps, all one jitted
-program of sharded state (`optimizer_steps_per_iteration = epochs x num_minibatches`).
+program of sharded state (`optimizer_steps_per_iteration = epochs x num_minibatches`), or
+two around a host-side judge.
 
 Reward sources (`reward`):
 
 - "model": the reward model of REWARD_RUN, a frozen model beside the state (never
   checkpointed, reloaded on every start), scored with its pure `reward_fn` inside the program:
   the ensemble mean, or the conservative mean - k * std (`reward_field`, `std_coef`);
-- "gold": the task's gold judge on the decoded texts (oracle-reward runs). The judge runs on
-  the host through a `jax.pure_callback` between the rollout and the update, so the iteration
-  stays one program for the loop.
+- "gold": the task's gold judge on the decoded texts (oracle-reward runs), host-side Python.
+  The iteration is then two programs around it (`RLAlgorithm.host_split`, a `loop.HostSplit`):
+  the rollout; the rows' token ids to the host, judged there by the loop; the forwards,
+  advantages and update. Parameters never leave the devices. (`host_judge="callback"` keeps
+  one program that calls the judge through `jax.pure_callback`: the same numbers.)
 
 The critic of PPO (`RLConfig.value_model = 'separate'`) is a separate `ScalarModel` ("value"),
 initialised from the reward model (trunk and the mean of its heads) or from the policy (trunk,
@@ -24,7 +27,8 @@ in `TrainState.extra`, so checkpoints carry them and a resumed run is bitwise th
 Evaluation is the `SampleEval` hook on the task's held-out prompts, with the gold judge
 ("gold") logged beside the proxy reward ("proxy", the reward model on the same texts): the setup
 that shows over-optimisation. The wall time of each iteration's phases (rollout, scoring,
-forwards + update) is measured inside the program with host timestamps (`time/*_s`).
+forwards + update) is measured inside the program with host timestamps (`time/*_s`), or by
+the host around the two programs of a host judge.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from rlhf_jax.steps.rollout import Rollout, greedy_rollout, rollout
 from rlhf_jax.steps.state import Frozen, ModelState, StateFactory, TrainState
 from rlhf_jax.train import stages
 from rlhf_jax.train.eval_hook import SampleEval
-from rlhf_jax.train.loop import LoopResult
+from rlhf_jax.train.loop import HostSplit, LoopResult
 from rlhf_jax.train.reward_init import policy_to_reward_params
 from rlhf_jax.train.stage import Recipe, StageContext, StageData, run_stage
 
@@ -71,6 +75,7 @@ HostBatch = dict[str, np.ndarray]
 REWARD_SOURCES = ("model", "gold")
 REWARD_FIELDS = ("mean", "conservative")
 VALUE_INITS = ("reward", "policy")
+HOST_JUDGE_MODES = ("split", "callback")
 
 
 def _rl_config(**kwargs: Any) -> RLConfig:
@@ -121,19 +126,27 @@ def decode_rows(tok: Tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
     return tok.decode_batch([row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)])
 
 
-def gold_scorer(tokenizer_path: str):
-    """A `(frozen, rollout) -> scores` of the task's gold judge (`gold_reward`, gin-configured)
-    on the decoded texts; the judge runs on the host (`jax.pure_callback`)."""
-    tok = Tokenizer.from_file(tokenizer_path)
+class HostJudge:
+    """The task's gold judge (`judges.gold_reward`, gin-configured) on decoded rows, on the
+    host: numpy `(ids, mask)` [B, T] -> float32 scores [B]."""
 
-    def host(ids, mask):
-        texts = decode_rows(tok, np.asarray(ids), np.asarray(mask))
+    def __init__(self, tokenizer_path: str):
+        self.tok = Tokenizer.from_file(tokenizer_path)
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        texts = decode_rows(self.tok, np.asarray(ids), np.asarray(mask))
         return np.asarray(judges.gold_reward(texts), np.float32)
+
+
+def gold_scorer(tokenizer_path: str | HostJudge):
+    """A `(frozen, rollout) -> scores` of the task's gold judge on the decoded texts, usable
+    inside a program: the judge runs on the host through a `jax.pure_callback`."""
+    judge = tokenizer_path if isinstance(tokenizer_path, HostJudge) else HostJudge(tokenizer_path)
 
     def score(frozen: Frozen, ro: Rollout) -> jax.Array:
         del frozen
         shape = jax.ShapeDtypeStruct(ro.tokens.shape[:1], jnp.float32)
-        return jax.pure_callback(host, shape, ro.input_ids, ro.attention_mask)
+        return jax.pure_callback(judge, shape, ro.input_ids, ro.attention_mask)
 
     return score
 
@@ -146,13 +159,21 @@ class RLAlgorithm(Algorithm):
     Attributes:
       rl: the iteration's static settings (`steps.rl_config.RLConfig`).
       reward_source: "model" or "gold" (for messages and the summary).
-      score_fn: `(frozen, rollout) -> scores [B]`, pure (a host judge through a callback).
-      timing: stamp the phases' wall time (`time/rollout_s`, `time/score_s`, `time/update_s`).
+      score_fn: `(frozen, rollout) -> scores [B]`, pure (a host judge through a callback): the
+        scoring of the one-program iteration (`update`).
+      host_judge: a host-side judge, numpy `(ids, mask) -> scores`. When set, the loop runs
+        the iteration as two programs around it (`host_split`) instead of `update`.
+      timing: measure the phases' wall time (`time/rollout_s`, `time/score_s`,
+        `time/update_s`): host timestamps inside the one program, or the host's clock
+        around the two programs of the split.
     """
 
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     reward_source: str = "model"
     score_fn: Callable[[Frozen, Rollout], jax.Array] | None = dataclasses.field(
+        default=None, compare=False
+    )
+    host_judge: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = dataclasses.field(
         default=None, compare=False
     )
     timing: bool = True
@@ -161,48 +182,103 @@ class RLAlgorithm(Algorithm):
     def optimizer_steps_per_iteration(self) -> int:  # type: ignore[override]
         return self.rl.epochs * self.rl.num_minibatches
 
-    def update(
-        self, state: TrainState, frozen: Frozen, batch: HostBatch, rng: jax.Array, hp: HParams
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """rollout -> score -> forwards, advantages -> epochs x minibatches (step unchanged)."""
-        cfg = self.rl
+    @staticmethod
+    def _rl_hparams(hp: HParams) -> RLHParams:
         # One lr_scale / debug_nan_step for every algorithm: the update's, not RLHParams'.
-        rl_hp = hp.loss.replace(
-            lr_scale=hp.update.lr_scale, debug_nan_step=hp.update.debug_nan_step
-        )
-        rollout_key, update_key = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
+        return hp.loss.replace(lr_scale=hp.update.lr_scale, debug_nan_step=hp.update.debug_nan_step)
+
+    def rollout_phase(
+        self, state: TrainState, batch: HostBatch, rng: jax.Array, hp: HParams, *, stamps: bool
+    ) -> tuple[Rollout, Rollout | None, list[jax.Array]]:
+        """The rollout (and ReMax's greedy one); with `stamps`, the host times before and
+        after it (the rollout then waits for the first)."""
+        cfg, rl_hp = self.rl, self._rl_hparams(hp)
         ids = jnp.asarray(batch["input_ids"], jnp.int32)
-        t0 = _stamp(jnp.sum(ids)) if self.timing else None
-        if t0 is not None:
-            ids = ids + _after(t0)
+        times = []
+        if stamps:
+            times.append(_stamp(jnp.sum(ids)))
+            ids = ids + _after(times[0])
         prompts = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
         policy = state.models["policy"]
-        ro = rollout(policy, prompts, rollout_key, rl_hp, cfg=cfg)
+        ro = rollout(policy, prompts, jax.random.fold_in(rng, 0), rl_hp, cfg=cfg)
         greedy = None
         if cfg.estimator == "remax":  # ReMax's baseline: the greedy completion's reward
             greedy = greedy_rollout(policy, prompts, rl_hp, cfg=cfg)
-        if t0 is not None:
-            t1 = _stamp(jnp.sum(ro.tokens))
-            ro = ro.replace(tokens=ro.tokens + _after(t1))
-        scores = self.score_fn(frozen, ro)
-        greedy_scores = self.score_fn(frozen, greedy) if greedy is not None else None
-        if t0 is not None:
+        if stamps:
+            times.append(_stamp(jnp.sum(ro.tokens)))
+            ro = ro.replace(tokens=ro.tokens + _after(times[1]))
+        return ro, greedy, times
+
+    def update_phase(
+        self, state: TrainState, frozen: Frozen, ro: Rollout, greedy: Rollout | None,
+        scores: jax.Array, greedy_scores: jax.Array | None, rng: jax.Array, hp: HParams,
+        *, times: list[jax.Array],
+    ) -> tuple[TrainState, dict[str, jax.Array]]:  # fmt: skip
+        """Forwards, advantages, epochs x minibatches of a scored rollout (step unchanged);
+        `times` (the rollout phase's stamps, or empty) adds the phases' wall times."""
+        cfg, rl_hp = self.rl, self._rl_hparams(hp)
+        if times:
             t2 = _stamp(jnp.sum(scores))
             ro = ro.replace(tokens=ro.tokens + _after(t2))
         rl_batch, extra, metrics = prepare_batch(
             state, frozen, ro, scores, rl_hp, cfg=cfg, greedy=greedy, greedy_scores=greedy_scores
         )
         beta = kl_coef(state, rl_hp, cfg)
+        update_key = jax.random.fold_in(rng, 1)
         state, update_metrics = update(state, rl_batch, update_key, rl_hp, beta, cfg=cfg)
         metrics = {**metrics, **update_metrics}
         if "loss/total" in metrics:
             metrics["loss"] = metrics["loss/total"]  # the name the loop's progress bar shows
-        if t0 is not None:
+        if times:
+            t0, t1 = times
             leaf = jax.tree.leaves(state.models["policy"].params)[0]
             t3 = _stamp(jnp.sum(leaf.astype(jnp.float32)))
             metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1,
                             "time/update_s": t3 - t2})  # fmt: skip
         return state.replace(extra=extra), metrics
+
+    def update(
+        self, state: TrainState, frozen: Frozen, batch: HostBatch, rng: jax.Array, hp: HParams
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """rollout -> score -> forwards, advantages -> epochs x minibatches (step unchanged):
+        one program, `score_fn` inside it."""
+        ro, greedy, times = self.rollout_phase(state, batch, rng, hp, stamps=self.timing)
+        scores = self.score_fn(frozen, ro)
+        greedy_scores = self.score_fn(frozen, greedy) if greedy is not None else None
+        return self.update_phase(state, frozen, ro, greedy, scores, greedy_scores, rng, hp,
+                                 times=times)  # fmt: skip
+
+    def host_split(self) -> HostSplit:
+        """The iteration as two programs around `host_judge`: rollout -> the rows' ids to the
+        host, judged there -> forwards, advantages, update. The same rng folds and phases as
+        `train_step` over `update`, so for the same scores it is the same iteration."""
+        judge = self.host_judge
+        if judge is None:
+            raise ValueError("RLAlgorithm.host_split needs a host_judge")
+
+        def before(state, frozen, batch, rng, hp):
+            del frozen
+            rng = jax.random.fold_in(rng, state.step)
+            ro, greedy, _ = self.rollout_phase(state, batch, rng, hp, stamps=False)
+            to_host = {"rows": (ro.input_ids, ro.attention_mask)}
+            if greedy is not None:
+                to_host["greedy"] = (greedy.input_ids, greedy.attention_mask)
+            return {"ro": ro, "greedy": greedy}, to_host
+
+        def host(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+            return {name: np.asarray(judge(ids, mask), np.float32)
+                    for name, (ids, mask) in rows.items()}  # fmt: skip
+
+        def after(state, frozen, carry, scores, rng, hp):
+            rng = jax.random.fold_in(rng, state.step)
+            state, metrics = self.update_phase(
+                state, frozen, carry["ro"], carry["greedy"], scores["rows"],
+                scores.get("greedy"), rng, hp, times=[],
+            )  # fmt: skip
+            return state.replace(step=state.step + 1), metrics
+
+        timing = ("time/rollout_s", "time/score_s", "time/update_s") if self.timing else None
+        return HostSplit(before=before, host=host, after=after, timing=timing)
 
 
 class PromptBatches:
@@ -349,6 +425,11 @@ class RLRecipe(Recipe):
 
         return load
 
+    def step(self):
+        if self.algorithm.host_judge is not None:
+            return self.algorithm.host_split()  # two programs around the host judge
+        return super().step()
+
     def count_tokens(self, batch: HostBatch) -> float:
         # Prompt tokens of the rollout's k samples plus their completions (at most).
         rl = self.algorithm.rl
@@ -428,6 +509,7 @@ def rl_stage(
     eval_hook: SampleEval | None = None,
     eval_prompts: int = 64,
     timing: bool = True,
+    host_judge: str = "split",
 ) -> LoopResult:
     """Online RL of an SFT policy (gin: `train.stage = @rl_stage`): PPO, RLOO, GRPO, ...
 
@@ -455,11 +537,16 @@ def rl_stage(
         the reward model ("proxy") at every eval (`@SampleEval()`; its prompts default to the
         first `eval_prompts` prompts of the eval split).
       eval_prompts: held-out prompts the eval hook samples.
-      timing: measure the wall time of rollout / scoring / update inside each iteration.
+      timing: measure the wall time of rollout / scoring / update of each iteration.
+      host_judge: how the gold judge (`reward="gold"`, host-side Python) scores: "split" (the
+        iteration is two programs around it; the loop calls it on the host with numpy token
+        ids) or "callback" (one program that calls it through `jax.pure_callback`).
     """
     settings.choice("rl_stage.reward", reward, REWARD_SOURCES)
     settings.choice("rl_stage.reward_field", reward_field, REWARD_FIELDS)
     settings.choice("rl_stage.value_init", value_init, VALUE_INITS)
+    settings.choice("rl_stage.host_judge", host_judge, HOST_JUDGE_MODES)
+    settings.boolean("rl_stage.timing", timing)
     settings.finite("rl_stage.std_coef", std_coef)
     settings.nonneg_int("rl_stage.eval_prompts", eval_prompts)
     if not isinstance(init_from, (str, Path)):
@@ -488,12 +575,15 @@ def rl_stage(
         check_model_class(reward_run, "ScalarModel", "rl_stage.reward_run (REWARD_RUN)")
         check_same_tokenizer(policy_tok, str(reward_run))
 
+    judge = None
     if reward == "model":
         norm = RewardNormalization.load(resolve_run_dir(reward_run))
         score_fn = model_scorer(norm, reward_field, float(std_coef))
     else:
-        score_fn = gold_scorer(policy_tok)
-    algo = RLAlgorithm(rl=cfg, reward_source=reward, score_fn=score_fn, timing=timing)
+        judge = HostJudge(policy_tok)
+        score_fn = gold_scorer(judge)
+    algo = RLAlgorithm(rl=cfg, reward_source=reward, score_fn=score_fn, timing=timing,
+                       host_judge=judge if host_judge == "split" else None)  # fmt: skip
     recipe = RLRecipe(algo, hp, data=data, reward_run=reward_run, value_init=value_init,
                       eval_prompts=eval_prompts)  # fmt: skip
     hook = _eval_hook(eval_hook, recipe, tokenizer_path=policy_tok, reward_run=reward_run,

@@ -38,7 +38,15 @@ from rlhf_jax.steps.state import Frozen, StateFactory
 from rlhf_jax.train import stages
 from rlhf_jax.train.eval_hook import SampleEval, bind_hook
 from rlhf_jax.train.faults import RunLock
-from rlhf_jax.train.loop import LoopConfig, LoopResult, LoopSpec, count_real_tokens, train_loop
+from rlhf_jax.train.loop import (
+    HostSplit,
+    LoopConfig,
+    LoopResult,
+    LoopSpec,
+    StepFn,
+    count_real_tokens,
+    train_loop,
+)
 from rlhf_jax.train.optim import Optimizer
 
 log = logging.getLogger(__name__)
@@ -135,6 +143,11 @@ class Recipe:
         """A loader of the frozen models the steps read (None: none)."""
         del ctx, cfg, factory
 
+    def step(self) -> StepFn | HostSplit:
+        """What the loop runs per iteration: the generic `train_step` of the algorithm (one
+        program), or a `loop.HostSplit` (two programs around host-side work)."""
+        return functools.partial(train_step, cfg=self.algorithm)
+
     def count_tokens(self, batch: HostBatch) -> float:
         return count_real_tokens(batch)
 
@@ -226,7 +239,7 @@ def run_stage(
         data = recipe.prepare(ctx, data, cfg, factory)
         evals = data.eval
         spec = LoopSpec(
-            step_fn=functools.partial(train_step, cfg=algo),
+            step_fn=recipe.step(),
             state=factory,
             hparams=HParams.create(
                 recipe.loss_hparams, lr_scale=lr_scale, debug_nan_step=debug_nan_step
