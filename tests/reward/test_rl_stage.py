@@ -1,12 +1,17 @@
 """The online-RL stage end to end through `rlhf-jax train` and the experiment gin files: a tiny
 policy run and the session's tiny reward-model run, a few iterations. It writes metrics.jsonl,
 summary.json and samples.jsonl with the gold judge beside the proxy reward; a SIGTERM-resumed
-run is bitwise the uninterrupted one (KL controller and reward moments included); bad settings
-exit 2 naming the setting. (Here beside the reward tests: it reuses their session fixtures.)"""
+run, and a SIGKILLed one rerun, are bitwise the uninterrupted one (KL controller, reward moments
+and rollout rng included); bad settings exit 2 naming the setting. (Here beside the reward
+tests: it reuses their session fixtures.)"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import gin
@@ -17,6 +22,7 @@ from rlhf_jax import cli
 from rlhf_jax.rundir import load_params
 
 STEPS = 4
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(run: Path, sft: Path, rm: Path, task, gin_file: str = "rloo", *extra: str) -> list[str]:
@@ -105,26 +111,105 @@ def test_ppo_runs_and_logs_gold_beside_proxy(tmp_path, rm_task, rm_sft_run, rm_r
     assert all(-1.0 <= r["gold"] <= 1.0 for r in rows)
 
 
-def test_sigterm_resume_is_bitwise_the_uninterrupted_run(tmp_path, rm_task, rm_sft_run, rm_run):
-    """RLOO with the adaptive KL controller and running reward moments (in state.extra)."""
-    extra = ("--gin.KL_CONTROLLER='adaptive'", "--gin.REWARD_NORM='running'",
-             "--gin.KL_TARGET=0.5", "--gin.rl_stage.eval_hook=None")  # fmt: skip
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _train(_args(whole, rm_sft_run, rm_run, rm_task, "rloo", *extra)) == 0
-    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=2")
-    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *extra, *stop)) == 0
-    assert not (parts / "summary.json").exists()  # preempted: checkpoint of step 3, then exit 0
-    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *extra)) == 0
-    a, b = _train_records(whole), _train_records(parts)
-    assert a == b
-    # The controller really moved (so equality covers its restored state), and so did the
-    # running moments behind the normalised rewards.
-    assert a[STEPS]["train/kl/coef"] != a[1]["train/kl/coef"]
-    pa, pb = load_params(whole).params, load_params(parts).params
+# RLOO with the adaptive KL controller and running reward moments (in state.extra). No
+# timestamps: a program with host callbacks is never in the persistent compilation cache, and
+# these runs compile the same program many times (in this process and in subprocesses).
+RESUME = ("--gin.KL_CONTROLLER='adaptive'", "--gin.REWARD_NORM='running'",
+          "--gin.KL_TARGET=0.5", "--gin.rl_stage.eval_hook=None",
+          "--gin.rl_stage.timing=False")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, rm_task, rm_sft_run, rm_run) -> Path:
+    """The run the interrupted ones must reproduce bitwise."""
+    run = tmp_path_factory.mktemp("rl_resume") / "whole"
+    assert _train(_args(run, rm_sft_run, rm_run, rm_task, "rloo", *RESUME)) == 0
+    return run
+
+
+def _checkpoint(run: Path) -> dict[str, np.ndarray]:
+    """Every array of the newest checkpoint but the parameters (optimiser state, `extra`: KL
+    controller, reward moments, baseline; step; hparams; the base rng), by path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from rlhf_jax.train.checkpoint import ITEMS
+
+    mgr = ocp.CheckpointManager(run / "checkpoints", item_names=ITEMS)
+    try:
+        restore = ocp.args.StandardRestore()
+        r = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=restore, aux=restore))
+    finally:
+        mgr.close()
+    flat = jax.tree_util.tree_flatten_with_path({"state": r.state, "aux": r.aux})[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise the same metrics at every step, parameters and checkpointed state."""
+    ra, rb = _train_records(a), _train_records(b)
+    assert sorted(ra) == list(range(1, STEPS + 1)) and ra == rb
+    # The controller really moved (so equality covers its restored state).
+    assert ra[STEPS]["train/kl/coef"] != ra[1]["train/kl/coef"]
+    for x, y in zip(_params_of(a), _params_of(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    ca, cb = _checkpoint(a), _checkpoint(b)
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        np.testing.assert_array_equal(ca[key], cb[key], err_msg=key)
+    moments = ca["['state']['extra']['reward_moments']['count']"]
+    assert moments == STEPS * 8 * 2  # every rollout's scores went into the running moments
+
+
+def _params_of(run: Path) -> list[np.ndarray]:
     import jax
 
-    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return [np.asarray(x) for x in jax.tree.leaves(load_params(run).params)]
+
+
+def test_sigterm_resume_is_bitwise_the_uninterrupted_run(tmp_path, rm_task, rm_sft_run, rm_run,
+                                                         uninterrupted):  # fmt: skip
+    parts = tmp_path / "parts"
+    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=2")
+    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *RESUME, *stop)) == 0
+    assert not (parts / "summary.json").exists()  # preempted: checkpoint of step 3, then exit 0
+    assert _train(_args(parts, rm_sft_run, rm_run, rm_task, "rloo", *RESUME)) == 0
+    _assert_same_run(uninterrupted, parts)
+
+
+def _cli_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`rlhf-jax ARGS` in a new process (sharing the session's compilation cache)."""
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["RLHF_JAX_TEST_COMPILE_CACHE"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Not `-m rlhf_jax.cli`: that registers the gin configurable `train` twice.
+    code = "import sys; from rlhf_jax.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bitwise_the_uninterrupted_run(tmp_path, rm_task, rm_sft_run, rm_run,
+                                                         uninterrupted):  # fmt: skip
+    """kill -9 of `rlhf-jax train` after the checkpoint of step 2, then the same command: the
+    KL controller, the reward moments and the rollout rng (base key + iteration) resume."""
+    from rlhf_jax.train.checkpoint import Checkpointer
+
+    run = tmp_path / "killed"
+    args = _args(run, rm_sft_run, rm_run, rm_task, "rloo", *RESUME)
+    kill = ("--gin.LoopConfig.fault_signal='SIGKILL'", "--gin.LoopConfig.fault_signal_step=3")
+    killed = _cli_process([*args, *kill])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run / "summary.json").exists()
+    ckpt = Checkpointer(run / "checkpoints")
+    assert ckpt.latest_step() == 2  # iteration 3 ran but was never saved
+    ckpt.close()
+    resumed = _cli_process(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint of step 2" in resumed.stderr
+    _assert_same_run(uninterrupted, run)
 
 
 @pytest.mark.parametrize(
