@@ -85,7 +85,54 @@ def _rl_config(**kwargs: Any) -> RLConfig:
 
 _rl_config.__signature__ = inspect.signature(RLConfig)  # gin checks binding names against it
 rl_config = gin.external_configurable(_rl_config, name="rl_config", module="rlhf_jax")
-rl_hparams = gin.external_configurable(RLHParams.create, name="rl_hparams", module="rlhf_jax")
+
+
+def _above_one(name: str, value: Any) -> float:
+    if settings.finite(name, value) <= 1.0:
+        raise SettingsError(f"{name}={value!r} must be > 1")
+    return float(value)
+
+
+# The traced values' ranges: (check, macro of gin/base/rl.gin or None). Checked on the Python
+# numbers gin binds, before anything loads (an RLHParams pytree itself may hold arrays).
+_HPARAM_CHECKS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
+    "kl_coef": (settings.nonneg_float, "KL_COEF"),
+    "kl_target": (settings.positive_float, "KL_TARGET"),
+    "kl_horizon": (settings.positive_float, "KL_HORIZON"),
+    "gamma": (lambda n, v: settings.in_range(n, v, 0.0, 1.0), "GAMMA"),
+    "lam": (lambda n, v: settings.in_range(n, v, 0.0, 1.0), "LAM"),
+    "eps_low": (settings.positive_float, "EPS_LOW"),  # the ratio's clip range [1 - eps_low,
+    "eps_high": (settings.positive_float, "EPS_HIGH"),  # 1 + eps_high]: empty at 0
+    # Dual clip (Ye et al. 2020) bounds negative-advantage ratios by c > 1.
+    "dual_clip_c": (_above_one, None),
+    "value_clip": (settings.positive_float, None),
+    "vf_coef": (settings.nonneg_float, "VF_COEF"),
+    "entropy_coef": (settings.finite, None),
+    "missing_eos_penalty": (settings.nonneg_float, "MISSING_EOS_PENALTY"),  # subtracted
+    "reward_clip": (settings.positive_float, None),
+    "temperature": (settings.positive_float, "TEMPERATURE"),
+    "top_p": (lambda n, v: settings.in_range(n, v, 0.0, 1.0, low_open=True), None),
+    "adv_eps": (settings.nonneg_float, None),
+    "baseline_decay": (lambda n, v: settings.in_range(n, v, 0.0, 1.0), None),
+    "lr_scale": (settings.positive_float, None),
+    "debug_nan_step": (settings.integer, None),
+}
+
+
+def _rl_hparams(**kwargs: Any) -> RLHParams:
+    """`RLHParams.create(**kwargs)` after checking each bound value's type and range.
+
+    Raises:
+      SettingsError: naming the setting (`rl_hparams.<name>` and its macro).
+    """
+    for name, value in kwargs.items():
+        check, macro = _HPARAM_CHECKS[name]
+        check(f"rl_hparams.{name}" + (f" ({macro})" if macro else ""), value)
+    return RLHParams.create(**kwargs)
+
+
+_rl_hparams.__signature__ = inspect.signature(RLHParams.create)
+rl_hparams = gin.external_configurable(_rl_hparams, name="rl_hparams", module="rlhf_jax")
 
 
 # ------------------------------------------------------------------ wall-time stamps

@@ -124,6 +124,43 @@ def _dpo(
     ]
 
 
+RLOO_GIN = str(REPO / "gin/experiments/rloo_reviews_tiny.gin")
+
+
+def _rl(ctx: Ctx, *extra: str, reward_run: Path | None = None) -> list[str]:
+    """The online-RL stage (RLOO) from the tiny SFT run, scored by `reward_run`."""
+    return [
+        "train",
+        "--gin_file",
+        RLOO_GIN,
+        f"--gin.RUN_DIR='{ctx.new_run}'",
+        f"--gin.SFT_RUN='{ctx.run}'",
+        f"--gin.REWARD_RUN='{ctx.reward_run if reward_run is None else reward_run}'",
+        f"--gin.REVIEWS_DIR='{ctx.task.out_dir}'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=8",
+        "--gin.SAMPLES_PER_PROMPT=2",
+        "--gin.MAX_NEW_TOKENS=4",
+        "--gin.LoopConfig.progress_bar=False",
+        *extra,
+    ]
+
+
+def _rl_other_tokenizer(ctx: Ctx) -> list[str]:
+    """A reward model whose tokenizer has one more token than the policy's."""
+    import tokenizers
+
+    info = json.loads((ctx.reward_run / "model.json").read_text())
+    tok = tokenizers.Tokenizer.from_file(info["tokenizer"])
+    tok.add_tokens(["zzz-another-token"])
+    other = ctx.tmp / "other_reward_run"
+    other.mkdir()
+    tok.save(str(other / "tokenizer.json"))
+    info["tokenizer"] = str(other / "tokenizer.json")
+    (other / "model.json").write_text(json.dumps(info))
+    return _rl(ctx, reward_run=other)
+
+
 def _write_prefs(folder: Path, train_rows: list[dict], eval_rows: list[dict]) -> Path:
     folder.mkdir(parents=True)
     pd.DataFrame(train_rows).to_parquet(folder / "train.parquet")
@@ -381,6 +418,32 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], str]] = {
     "rm_center_coef_negative": (
         lambda c: _rm(c, c.prefs, "--gin.CENTER_COEF=-1.0"),
         "center_coef",
+    ),
+    # ---- train: online RL (gin/experiments/rloo_reviews_tiny.gin)
+    "rl_rloo_one_sample": (lambda c: _rl(c, "--gin.SAMPLES_PER_PROMPT=1"), "samples_per_prompt"),
+    "rl_grpo_one_sample": (
+        lambda c: _rl(c, "--gin.ESTIMATOR='grpo'", "--gin.SAMPLES_PER_PROMPT=1"),
+        "samples_per_prompt",
+    ),
+    "rl_dr_grpo_one_sample": (
+        lambda c: _rl(c, "--gin.ESTIMATOR='dr_grpo'", "--gin.SAMPLES_PER_PROMPT=1"),
+        "samples_per_prompt",
+    ),
+    "rl_minibatches_indivisible": (lambda c: _rl(c, "--gin.NUM_MINIBATCHES=3"), "num_minibatches"),
+    "rl_reward_tokenizer_differs": (_rl_other_tokenizer, "tokenizer"),
+    "rl_reward_run_unset": (lambda c: _rl(c, "--gin.REWARD_RUN=None"), "REWARD_RUN"),
+    "rl_reward_run_missing": (lambda c: _rl(c, reward_run=c.tmp / "nope"), "REWARD_RUN"),
+    "rl_reward_run_is_policy": (lambda c: _rl(c, reward_run=c.run), "REWARD_RUN"),
+    "rl_unknown_estimator": (lambda c: _rl(c, "--gin.ESTIMATOR='vtrace'"), "vtrace"),
+    "rl_kl_coef_negative": (lambda c: _rl(c, "--gin.KL_COEF=-0.1"), "kl_coef"),
+    "rl_eps_low_zero": (lambda c: _rl(c, "--gin.EPS_LOW=0.0"), "eps_low"),
+    "rl_eps_low_negative": (lambda c: _rl(c, "--gin.EPS_LOW=-0.2"), "eps_low"),
+    "rl_temperature_zero": (lambda c: _rl(c, "--gin.TEMPERATURE=0.0"), "temperature"),
+    "rl_gamma_above_one": (lambda c: _rl(c, "--gin.GAMMA=1.5"), "gamma"),
+    "rl_unknown_reward_source": (lambda c: _rl(c, "--gin.REWARD_SOURCE='human'"), "human"),
+    "rl_unknown_host_judge": (
+        lambda c: _rl(c, "--gin.rl_stage.host_judge='thread'"),
+        "host_judge",
     ),
     # ---- generate
     "gen_checkpoint_missing": (lambda c: _gen(c, checkpoint=c.tmp / "nope"), "nope"),
