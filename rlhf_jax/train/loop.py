@@ -69,7 +69,8 @@ class HostSplit:
       after: `(state, frozen, carry, from_host, rng, hparams) -> (state, metrics)`, pure: the
         second program (the state is donated to it; `from_host` arrives replicated).
       timing: three metric names for the wall time (s) of `before`, `host` and `after`,
-        measured on the host (the iteration then waits for `after` to finish), or None.
+        measured on the host (the iteration then waits for `after` to finish; the first
+        iteration's include compiling), or None.
     """
 
     before: Callable[..., tuple[Any, Any]]

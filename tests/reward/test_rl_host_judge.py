@@ -27,7 +27,9 @@ from rlhf_jax.train.rl import HostJudge
 STEPS = 3
 # Tiny and quick: no evaluation hook (its sampler is another compile), 3 iterations.
 SMALL = ("--gin.rl_stage.eval_hook=None", f"--gin.TRAIN_STEPS={STEPS}", "--gin.EVAL_EVERY=0")
-GOLD = ("--gin.REWARD_SOURCE='gold'", "--gin.REWARD_RUN=None", *SMALL)
+# ReMax: the judge also scores each prompt's greedy completion (its baseline), so the host
+# returns two score arrays.
+GOLD = ("--gin.REWARD_SOURCE='gold'", "--gin.REWARD_RUN=None", "--gin.ESTIMATOR='remax'", *SMALL)
 
 
 def _params(run):
@@ -92,15 +94,18 @@ def test_gold_judge_runs_on_the_host_between_two_programs(
     summary = json.loads((split / "summary.json").read_text())
     # Two programs, each compiled once for the whole run.
     assert summary["compile/step_traces"] == 2 and summary["step"] == STEPS
-    rows = 8 * 2  # BATCH_SIZE x SAMPLES_PER_PROMPT
-    assert len(calls) == STEPS
+    prompts, rows = 8, 8 * 2  # BATCH_SIZE, BATCH_SIZE x SAMPLES_PER_PROMPT
+    # Each iteration: the sampled rows and the greedy ones.
+    shapes = [c["shape"][0] for c in calls]
+    assert len(shapes) == 2 * STEPS
+    assert all(sorted(shapes[i : i + 2]) == [prompts, rows] for i in range(0, 2 * STEPS, 2))
     assert all(c["numpy"] and c["loop_thread"] for c in calls), calls
-    assert all(c["shape"][0] == rows for c in calls)
-    # What each iteration fetched: the rows' token ids and masks for the judge, nothing else
-    # (no parameter), and nothing was sent to a device but the scores (the guard).
+    # What each iteration fetched: those rows' token ids and masks, nothing else (no
+    # parameter), and nothing was sent to a device but the scores (the guard).
     assert len(guarded_steps) == STEPS
     width = calls[0]["shape"][1]
-    assert all(f == [((rows, width), "int32")] * 2 for f in guarded_steps), guarded_steps
+    want = sorted([((rows, width), "int32")] * 2 + [((prompts, width), "int32")] * 2)
+    assert all(sorted(f) == want for f in guarded_steps), guarded_steps
     # The wall-time split is measured on the host around the two programs.
     last = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()][-1]
     assert all(last[f"train/time/{k}_s"] > 0 for k in ("rollout", "score", "update"))
