@@ -3,8 +3,9 @@ iteration, through `rlhf-jax train` on the tiny experiment files:
 
 - REWARD_SOURCE='gold' runs each iteration as two compiled programs (rollout; forwards,
   advantages, update) with the gold judge called by the loop between them, on numpy token ids
-  outside any trace; it trains exactly as the one-program iteration that calls the same judge
-  through `jax.pure_callback` (host_judge='callback').
+  outside any trace; preempted and resumed, with a poisoned update skipped, it trains bitwise
+  as the one-program iteration that calls the same judge through `jax.pure_callback`
+  (host_judge='callback') uninterrupted.
 - Every iteration (the reward model's one program, and the gold judge's two) runs under
   `jax.transfer_guard("disallow_explicit")`: no array crosses between host and devices but
   the rollout's token ids to the judge and its scores back.
@@ -28,8 +29,9 @@ STEPS = 3
 # Tiny and quick: no evaluation hook (its sampler is another compile), 3 iterations.
 SMALL = ("--gin.rl_stage.eval_hook=None", f"--gin.TRAIN_STEPS={STEPS}", "--gin.EVAL_EVERY=0")
 # ReMax: the judge also scores each prompt's greedy completion (its baseline), so the host
-# returns two score arrays.
-GOLD = ("--gin.REWARD_SOURCE='gold'", "--gin.REWARD_RUN=None", "--gin.ESTIMATOR='remax'", *SMALL)
+# returns two score arrays. Iteration 1's update is poisoned (the NaN guard must skip it).
+GOLD = ("--gin.REWARD_SOURCE='gold'", "--gin.REWARD_RUN=None", "--gin.ESTIMATOR='remax'",
+        "--gin.rl_stage.debug_nan_step=1", *SMALL)  # fmt: skip
 
 
 def _params(run):
@@ -87,13 +89,18 @@ def test_gold_judge_runs_on_the_host_between_two_programs(
         raise AssertionError("the split iteration must not call the judge from a program")
 
     split, callback = tmp_path / "split", tmp_path / "callback"
+    # Preempted (SIGTERM) after iteration 2, then resumed from its checkpoint.
+    stop = ("--gin.LoopConfig.fault_signal='SIGTERM'", "--gin.LoopConfig.fault_signal_step=1")
     with monkeypatch.context() as m:
         m.setattr(HostJudge, "__call__", spy)
         m.setattr(jax, "pure_callback", no_callback)
+        assert _train(_args(split, rm_sft_run, rm_run, rm_task, "rloo", *GOLD, *stop)) == 0
+        assert not (split / "summary.json").exists()
         assert _train(_args(split, rm_sft_run, rm_run, rm_task, "rloo", *GOLD)) == 0
     summary = json.loads((split / "summary.json").read_text())
-    # Two programs, each compiled once for the whole run.
+    # Two programs, each compiled once per process.
     assert summary["compile/step_traces"] == 2 and summary["step"] == STEPS
+    assert summary["nonfinite/skipped"] == 1  # iteration 1's one optimiser step
     prompts, rows = 8, 8 * 2  # BATCH_SIZE, BATCH_SIZE x SAMPLES_PER_PROMPT
     # Each iteration: the sampled rows and the greedy ones.
     shapes = [c["shape"][0] for c in calls]
