@@ -65,7 +65,7 @@ from rlhf_jax.steps.rollout import Rollout, greedy_rollout, rollout
 from rlhf_jax.steps.state import Frozen, ModelState, StateFactory, TrainState
 from rlhf_jax.train import stages
 from rlhf_jax.train.eval_hook import SampleEval
-from rlhf_jax.train.loop import HostSplit, LoopResult
+from rlhf_jax.train.loop import HostSplit, LoopResult, StepFn
 from rlhf_jax.train.reward_init import policy_to_reward_params
 from rlhf_jax.train.stage import Recipe, StageContext, StageData, run_stage
 
@@ -185,10 +185,11 @@ class HostJudge:
         return np.asarray(judges.gold_reward(texts), np.float32)
 
 
-def gold_scorer(tokenizer_path: str | HostJudge):
+def gold_scorer(judge: str | HostJudge) -> Callable[[Frozen, Rollout], jax.Array]:
     """A `(frozen, rollout) -> scores` of the task's gold judge on the decoded texts, usable
-    inside a program: the judge runs on the host through a `jax.pure_callback`."""
-    judge = tokenizer_path if isinstance(tokenizer_path, HostJudge) else HostJudge(tokenizer_path)
+    inside a program: the judge (a `HostJudge`, or the tokenizer path to build one) runs on the
+    host through a `jax.pure_callback`."""
+    judge = judge if isinstance(judge, HostJudge) else HostJudge(judge)
 
     def score(frozen: Frozen, ro: Rollout) -> jax.Array:
         del frozen
@@ -230,7 +231,7 @@ class RLAlgorithm(Algorithm):
         return self.rl.epochs * self.rl.num_minibatches
 
     @staticmethod
-    def _rl_hparams(hp: HParams) -> RLHParams:
+    def _iteration_hparams(hp: HParams) -> RLHParams:
         # One lr_scale / debug_nan_step for every algorithm: the update's, not RLHParams'.
         return hp.loss.replace(lr_scale=hp.update.lr_scale, debug_nan_step=hp.update.debug_nan_step)
 
@@ -239,7 +240,7 @@ class RLAlgorithm(Algorithm):
     ) -> tuple[Rollout, Rollout | None, list[jax.Array]]:
         """The rollout (and ReMax's greedy one); with `stamps`, the host times before and
         after it (the rollout then waits for the first)."""
-        cfg, rl_hp = self.rl, self._rl_hparams(hp)
+        cfg, rl_hp = self.rl, self._iteration_hparams(hp)
         ids = jnp.asarray(batch["input_ids"], jnp.int32)
         times = []
         if stamps:
@@ -263,7 +264,7 @@ class RLAlgorithm(Algorithm):
     ) -> tuple[TrainState, dict[str, jax.Array]]:  # fmt: skip
         """Forwards, advantages, epochs x minibatches of a scored rollout (step unchanged);
         `times` (the rollout phase's stamps, or empty) adds the phases' wall times."""
-        cfg, rl_hp = self.rl, self._rl_hparams(hp)
+        cfg, rl_hp = self.rl, self._iteration_hparams(hp)
         if times:
             t2 = _stamp(jnp.sum(scores))
             ro = ro.replace(tokens=ro.tokens + _after(t2))
@@ -472,7 +473,9 @@ class RLRecipe(Recipe):
 
         return load
 
-    def step(self):
+    def step(self) -> StepFn | HostSplit:
+        """Two programs around the host judge (`RLAlgorithm.host_split`) when there is one,
+        else the one-program iteration."""
         if self.algorithm.host_judge is not None:
             return self.algorithm.host_split()  # two programs around the host judge
         return super().step()
@@ -642,4 +645,4 @@ def rl_stage(
     )  # fmt: skip
 
 
-__all__ = ["RLAlgorithm", "RLRecipe", "rl_stage", "check_same_tokenizer"]
+__all__ = ["HostJudge", "RLAlgorithm", "RLRecipe", "rl_stage", "check_same_tokenizer"]
