@@ -19,7 +19,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from test_rl_stage import _args, _train, _train_records
+from test_rl_stage import _args, _checkpoint, _train, _train_records
 
 from rlhf_jax.rundir import load_params
 from rlhf_jax.train import loop
@@ -123,11 +123,16 @@ def test_gold_judge_runs_on_the_host_between_two_programs(
     assert json.loads((callback / "summary.json").read_text())["compile/step_traces"] == 1
     a, b = _train_records(split), _train_records(callback)
     assert a.keys() == b.keys() and a[STEPS].keys() == b[STEPS].keys()
-    # Same samples and scores: the rollout is the same computation in both.
+    # Bitwise the same run: every metric at every step, the parameters, and the rest of the
+    # final checkpoint (optimiser state, KL controller, reward moments, step, rng).
     diff = {(s, k): (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
     assert not diff, diff
     for x, y in zip(_params(split), _params(callback), strict=True):
         np.testing.assert_array_equal(x, y)
+    ca, cb = _checkpoint(split), _checkpoint(callback)
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        np.testing.assert_array_equal(ca[key], cb[key], err_msg=key)
 
 
 def test_reward_model_iteration_crosses_nothing(tmp_path, rm_task, rm_sft_run, rm_run,
