@@ -394,24 +394,30 @@ def test_config_shapes_and_alias():
     assert cfg.sampling_config.stop_tokens == (EOS,) and cfg.greedy_config.greedy
 
 
-def test_a_sharded_mesh_runs_the_same_iteration():
-    """Parameters sharded over a 2x2x2 mesh (rows over data x fsdp, heads over tensor) give
-    the one-device iteration's samples and numbers."""
+@pytest.mark.parametrize("cfg", [RLOO, HEAD], ids=["rloo", "ppo_value_head"])
+def test_a_sharded_mesh_runs_the_same_iteration(cfg):
+    """Parameters sharded over a 2x2x2 mesh (rows over data x fsdp, heads over tensor; the
+    value head's weight over fsdp) give the one-device iteration's samples and numbers."""
     hp = RLHParams.create()
-    state, frozen, prompts = _setup(RLOO, hp)
+    state, frozen, prompts = _setup(cfg, hp)
     key = jax.random.key(5)
-    one, (m_one,) = _run(RLOO, state, frozen, prompts, key, hp)
+    one, (m_one,) = _run(cfg, state, frozen, prompts, key, hp)
     mesh, rules = P.make_mesh((2, 2, 2), jax.devices()[:8]), P.logical_rules()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = jax.device_put(state, P.state_shardings(state, mesh, rules))
         frozen = jax.device_put(frozen, P.state_shardings(frozen, mesh, rules))
         prompts = jax.device_put(prompts, P.batch_sharding(mesh, 2))
-        eight, m_eight = _iteration(RLOO)(state, frozen, prompts, key, hp)
+        eight, m_eight = _iteration(cfg)(state, frozen, prompts, key, hp)
     specs = [x.sharding.spec for x in jax.tree.leaves(eight.models["policy"].params)]
     assert any(any(axis is not None for axis in spec) for spec in specs)
+    if cfg.value_head:
+        assert tuple(eight.models["value"].params["w"][...].sharding.spec) == ("fsdp",)
     m_eight = jax.device_get(m_eight)
     assert m_one["response/length"] == m_eight["response/length"]
-    for k in ("reward/proxy", "kl/k1", "loss/policy", "entropy", "advantages/std"):
+    keys = ("reward/proxy", "kl/k1", "loss/policy", "entropy", "advantages/std")
+    if cfg.has_critic:
+        keys += ("loss/value", "value/explained_var")
+    for k in keys:
         np.testing.assert_allclose(m_one[k], m_eight[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for x, y in zip(_leaves(one.models), _leaves(eight.models), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
