@@ -4,19 +4,23 @@ Times the pieces of `rlhf_jax.steps.rl` as separate jitted programs on random we
 frozen reference, critic and reward model all of one preset's shape, the reward model a
 `ScalarModel` scored through `steps.reward.make_reward_fn`), then the whole one-program
 iteration, and prints each piece's share. Generation never stops early (no EOS), so every
-rollout decodes `--new_tokens` tokens.
+rollout decodes `--new_tokens` tokens. `--value_model` picks PPO's critic: `separate` (a
+`ScalarModel` of the policy's shape) or `head` (a `ValueHead` on the policy's trunk: no critic
+forward of its own); `all` times both in one process, one after the other.
 
 - rollout: `rollout_program` (k samples per prompt with the KV-cache sampler);
 - scoring: the reward model's forward over prompt + completion;
 - ref+value: `prepare_batch` (teacher-forced policy forward for the old log-probs and the
-  entropy, reference forward, critic forward, shaped rewards, GAE);
-- update: `update` (epochs x minibatches of forward + backward + Adam on policy and critic);
+  entropy, reference forward, critic forward (with a head: none, the policy's forward gives
+  the values), shaped rewards, GAE);
+- update: `update` (epochs x minibatches of forward + backward + Adam on policy and critic;
+  with a head, one forward + backward of the policy for both losses);
 - iteration: `rl_iteration`, all of it in one program (its sum of parts, minus fusion).
 
 Usage:
-  python benchmarks/bench_rl_iteration.py --preset tiny
+  python benchmarks/bench_rl_iteration.py --preset tiny --value_model all
   python benchmarks/bench_rl_iteration.py --preset gpt2 --prompts 2 --k 2 --prompt_len 16 \
-      --new_tokens 16 --repeats 2 --out bench_rl_gpt2.json
+      --new_tokens 16 --repeats 2 --value_model all --out bench_rl_gpt2.json
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rlhf_jax import partitioning  # noqa: E402
-from rlhf_jax.models import ScalarModel, Transformer, model_config  # noqa: E402
+from rlhf_jax.models import ScalarModel, Transformer, ValueHead, model_config  # noqa: E402
 from rlhf_jax.steps import rl  # noqa: E402
 from rlhf_jax.steps.reward import make_reward_fn  # noqa: E402
 from rlhf_jax.steps.rl_config import RLConfig, RLHParams, create_rl_state  # noqa: E402
@@ -48,8 +52,12 @@ from rlhf_jax.steps.state import Frozen, ModelState  # noqa: E402
 from rlhf_jax.train.optim import make_optimizer  # noqa: E402
 
 
-def _timed(fn, args, repeats: int) -> tuple[float, float, object]:
-    """(first call incl. compile s, median of `repeats` further calls s, last output)."""
+def _timed(fn, args, repeats: int) -> tuple[float, float, float, object]:
+    """(first call incl. compile s, median and minimum of `repeats` further calls s, output).
+
+    On a CPU shared with other jobs the minimum is the least disturbed measurement; the shares
+    are computed from it, and the medians are kept beside it.
+    """
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
@@ -58,15 +66,15 @@ def _timed(fn, args, repeats: int) -> tuple[float, float, object]:
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), out
+    return first, statistics.median(times), min(times), out
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, value_model: str):
     """(cfg, hp, state, frozen, prompts, score_fn) on a one-device mesh, random weights."""
     mcfg = model_config(args.preset, max_seq_len=max(args.prompt_len + args.new_tokens, 8))
     cfg = RLConfig(
         estimator=args.estimator,
-        value_model="separate" if args.estimator in ("ppo", "gae") else "none",
+        value_model=value_model if args.estimator in ("ppo", "gae") else "none",
         prompts_per_iteration=args.prompts,
         samples_per_prompt=args.k,
         max_new_tokens=args.new_tokens,
@@ -82,7 +90,8 @@ def build(args: argparse.Namespace):
     rm_g, rm_p = nnx.split(ScalarModel(mcfg, rngs=nnx.Rngs(2)), nnx.Param)
     value = None
     if cfg.has_critic:
-        v_g, v_p = nnx.split(ScalarModel(mcfg, rngs=nnx.Rngs(1)), nnx.Param)
+        critic = ValueHead if cfg.value_head else ScalarModel
+        v_g, v_p = nnx.split(critic(mcfg, rngs=nnx.Rngs(1)), nnx.Param)
         value = ModelState.create(graphdef=v_g, params=v_p, optimizer=opt)
     policy = ModelState.create(graphdef=policy_g, params=policy_p, optimizer=opt)
     state = create_rl_state(policy=policy, value=value, hp=hp)
@@ -96,29 +105,30 @@ def build(args: argparse.Namespace):
     return cfg, hp, state, frozen, prompts, score_fn
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, value_model: str = "separate") -> dict:
+    """One configuration's timings and shares (`value_model`: PPO's critic)."""
     mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = partitioning.logical_rules()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        cfg, hp, state, frozen, prompts, score_fn = build(args)
+        cfg, hp, state, frozen, prompts, score_fn = build(args, value_model)
         key = jax.random.key(0)
         rows = {}
         fn = jax.jit(functools.partial(rl.rollout_program, cfg=cfg))
         rows["rollout"] = _timed(fn, (state, frozen, prompts, key, hp), args.repeats)
-        ro, _ = rows["rollout"][2]
+        ro, _ = rows["rollout"][3]
         fn = jax.jit(score_fn)
         rows["scoring"] = _timed(fn, (frozen, ro), args.repeats)
-        scores = rows["scoring"][2]
+        scores = rows["scoring"][3]
         fn = jax.jit(functools.partial(rl.prepare_batch, cfg=cfg))
         rows["ref+value"] = _timed(fn, (state, frozen, ro, scores, hp), args.repeats)
-        batch = rows["ref+value"][2][0]
+        batch = rows["ref+value"][3][0]
         fn = jax.jit(functools.partial(rl.update, cfg=cfg))
         rows["update"] = _timed(fn, (state, batch, key, hp, hp.kl_coef), args.repeats)
         if not args.skip_iteration:
             fn = jax.jit(functools.partial(rl.rl_iteration, cfg=cfg, score_fn=score_fn))
             rows["iteration"] = _timed(fn, (state, frozen, prompts, key, hp), args.repeats)
     parts = ("rollout", "scoring", "ref+value", "update")
-    total = sum(rows[p][1] for p in parts)
+    total = sum(rows[p][2] for p in parts)
     return {
         "env": {
             "jax": jax.__version__,
@@ -131,10 +141,12 @@ def run(args: argparse.Namespace) -> dict:
             k: getattr(args, k)
             for k in ("preset", "estimator", "prompts", "k", "prompt_len", "new_tokens")
         }
-        | {"epochs": args.epochs, "minibatches": args.minibatches},
-        "seconds": {name: round(r[1], 4) for name, r in rows.items()},
+        | {"epochs": args.epochs, "minibatches": args.minibatches, "value_model": cfg.value_model},
+        "seconds": {name: round(r[2], 4) for name, r in rows.items()},
+        "median_seconds": {name: round(r[1], 4) for name, r in rows.items()},
         "first_call_seconds": {name: round(r[0], 2) for name, r in rows.items()},
-        "share_of_parts": {p: round(rows[p][1] / total, 3) for p in parts},
+        "share_of_parts": {p: round(rows[p][2] / total, 3) for p in parts},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -142,6 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--estimator", default="ppo")
+    p.add_argument(
+        "--value_model",
+        default="separate",
+        choices=("separate", "head", "all"),
+        help="PPO's critic; 'all' runs separate, then head",
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=32)
@@ -157,10 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | list[dict]:
     args = parse_args(argv)
-    report = run(args)
-    print(json.dumps(report, indent=1))
+    kinds = ("separate", "head") if args.value_model == "all" else (args.value_model,)
+    reports = []
+    for kind in kinds:
+        reports.append(run(args, kind))
+        print(json.dumps(reports[-1], indent=1), flush=True)
+    report = reports[0] if len(reports) == 1 else reports
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return report

@@ -12,7 +12,8 @@ of `RLConfig`):
   rollout's diagnostics) and `update` (`lax.scan` over epochs and minibatches, clipped policy
   loss + value loss, NaN guard) are the pieces, each pure.
 
-State (issue 13's named models): `state.models["policy"]` (and `["value"]` for PPO) are
+State (issue 13's named models): `state.models["policy"]` (and `["value"]` for PPO: a separate
+`ScalarModel`, or with `value_model="head"` only a `ValueHead` read from the policy's trunk) are
 `ModelState`s; `state.extra` holds `kl_ctl`, `reward_moments`, `baseline`
 (`rl_config.init_rl_extra`); `state.step` counts iterations. `frozen.params["ref"]` is the
 reference (SFT) policy. Randomness: `fold_in(rng, state.step)`, split into the rollout's and the
@@ -57,6 +58,7 @@ from rlhf_jax.steps.rollout import (
     Rollout,
     ScoreFn,
     completion_logps,
+    completion_logps_and_values,
     completion_values,
     constrain_rows,
     greedy_rollout,
@@ -135,15 +137,22 @@ def _ended(ro: Rollout, cfg: RLConfig) -> jax.Array:
 def _forwards(state: Any, frozen: Frozen, ro: Rollout, hp: RLHParams, cfg: RLConfig):
     """Teacher-forced forwards of the sampling parameters, the reference and the critic.
 
+    With a value head (`cfg.value_head`) the policy's forward gives the values too; a separate
+    critic runs its own forward.
+
     Returns `(tf_logps, entropy, old_logps, ref_logps, old_values)`, [B, N], 0 on padding.
     """
     sg = jax.lax.stop_gradient
     comp_mask = ro.mask != 0
     policy = state.models["policy"]
-    tf_logps, entropy = completion_logps(
-        policy.graphdef, sg(policy.params), ro, temperature=hp.temperature,
-        chunk_size=cfg.logits_chunk_size, entropy=True,
-    )  # fmt: skip
+    tf_kw = dict(temperature=hp.temperature, chunk_size=cfg.logits_chunk_size, entropy=True)
+    if cfg.value_head:
+        head = state.models["value"]
+        tf_logps, entropy, values = completion_logps_and_values(
+            policy.graphdef, sg(policy.params), head.graphdef, sg(head.params), ro, **tf_kw
+        )
+    else:
+        tf_logps, entropy = completion_logps(policy.graphdef, sg(policy.params), ro, **tf_kw)
     old_logps = tf_logps if cfg.old_logps == "teacher_forced" else ro.sampler_logps
     old_logps = jnp.where(comp_mask, old_logps, 0.0)
     if cfg.use_reference:
@@ -155,8 +164,9 @@ def _forwards(state: Any, frozen: Frozen, ro: Rollout, hp: RLHParams, cfg: RLCon
     else:
         ref_logps = old_logps  # no reference: every KL term is 0
     if cfg.has_critic:
-        value = state.models["value"]
-        values = completion_values(value.graphdef, sg(value.params), ro)
+        if not cfg.value_head:
+            value = state.models["value"]
+            values = completion_values(value.graphdef, sg(value.params), ro)
         old_values = jnp.where(comp_mask, values, 0.0)
     else:
         old_values = jnp.zeros_like(old_logps)
@@ -277,15 +287,34 @@ def _rollout_metrics(
     return metrics
 
 
-def _minibatch_loss(params, mb: RLBatch, models, beta, hp: RLHParams, cfg: RLConfig):
-    """Total loss of one minibatch (policy + vf_coef * value) and its statistics."""
+def _policy_forward(params, ro: Rollout, models, hp: RLHParams, cfg: RLConfig):
+    """(logps, entropy or None, values or None) of a minibatch under `params`: one forward of
+    the policy's trunk (its value head included with `cfg.value_head`), and the separate
+    critic's own forward otherwise."""
     policy = models["policy"]
-    ro, mask = mb.rollout, mb.mask
-    out = completion_logps(
-        policy.graphdef, params["policy"], ro, temperature=hp.temperature,
-        chunk_size=cfg.logits_chunk_size, entropy=cfg.entropy_bonus,
-    )  # fmt: skip
+    kw = dict(temperature=hp.temperature, chunk_size=cfg.logits_chunk_size,
+              entropy=cfg.entropy_bonus)  # fmt: skip
+    if cfg.value_head:
+        head = models["value"]
+        return completion_logps_and_values(
+            policy.graphdef, params["policy"], head.graphdef, params["value"], ro, **kw
+        )
+    out = completion_logps(policy.graphdef, params["policy"], ro, **kw)
     logps, entropy = out if cfg.entropy_bonus else (out, None)
+    values = None
+    if cfg.has_critic:
+        values = completion_values(models["value"].graphdef, params["value"], ro)
+    return logps, entropy, values
+
+
+def _minibatch_loss(params, mb: RLBatch, models, beta, hp: RLHParams, cfg: RLConfig):
+    """Total loss of one minibatch (policy + vf_coef * value) and its statistics.
+
+    With a value head the value loss differentiates into the shared trunk as well (through
+    the hidden states both heads read), weighted by `vf_coef` like the head itself.
+    """
+    ro, mask = mb.rollout, mb.mask
+    logps, entropy, v_BN = _policy_forward(params, ro, models, hp, cfg)
     pl_BN, sums = policy_loss(
         logps, mb.old_logps, mb.advantages, mask, loss_type=cfg.policy_loss,
         ratio_level=cfg.ratio_level, eps_low=hp.eps_low, eps_high=hp.eps_high,
@@ -307,8 +336,6 @@ def _minibatch_loss(params, mb: RLBatch, models, beta, hp: RLHParams, cfg: RLCon
     aux["loss/policy"] = p_loss
     total = p_loss
     if cfg.has_critic:
-        value = models["value"]
-        v_BN = completion_values(value.graphdef, params["value"], ro)
         vl_BN, vsums = value_loss(
             v_BN, mb.old_values, mb.returns, mask,
             clip_range=hp.value_clip if cfg.value_clip else None,

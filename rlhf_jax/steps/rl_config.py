@@ -35,7 +35,7 @@ from rlhf_jax.losses.controllers import (
 from rlhf_jax.losses.policy import check_policy_choices
 from rlhf_jax.steps import state as state_lib
 
-VALUE_MODELS: tuple[str, ...] = ("separate", "none")
+VALUE_MODELS: tuple[str, ...] = ("separate", "head", "none")
 REWARD_NORMS: tuple[str, ...] = ("none", "running", "batch")
 OLD_LOGPS: tuple[str, ...] = ("teacher_forced", "sampler")
 # "ppo" names PPO's estimator as verl/OpenRLHF users say it; it is GAE with a critic.
@@ -69,8 +69,12 @@ class RLConfig:
       kl_controller: "fixed" (beta = `RLHParams.kl_coef`) or "adaptive" (Ziegler et al. 2019;
         beta lives in `extra["kl_ctl"]`, starting from `RLHParams.kl_coef`).
       use_reference: run the frozen reference ("ref") at all; False drops every KL term.
-      value_model: "separate" (a critic `models["value"]`, a `ScalarModel`) or "none".
-      critic_warmup: iterations at the start that train only the critic.
+      value_model: the critic of "gae": "separate" (its own transformer, `models["value"]` a
+        `ScalarModel`), "head" (a `models.ValueHead` on the policy's trunk: `models["value"]`
+        holds only the head, the policy's one forward gives logits and values and the value
+        loss, times `vf_coef`, trains the shared trunk too), or "none" (critic-free estimators).
+      critic_warmup: iterations at the start that train only the critic (with "head": only
+        the head, the shared trunk stays the policy's).
       prompts_per_iteration: prompts sampled per iteration.
       samples_per_prompt: k completions per prompt (consecutive rows form a group).
       epochs: passes over the rollout per iteration.
@@ -151,7 +155,8 @@ class RLConfig:
         _positive_int("critic_warmup", self.critic_warmup, minimum=0)
         if self.estimator == "gae" and self.value_model == "none":
             raise SettingsError(
-                "RLConfig.estimator='gae' (PPO) needs a critic: set value_model='separate'"
+                "RLConfig.estimator='gae' (PPO) needs a critic: set value_model='separate' "
+                "(a value model) or 'head' (a value head on the policy's trunk)"
             )
         if self.estimator != "gae" and self.value_model != "none":
             raise SettingsError(
@@ -192,7 +197,13 @@ class RLConfig:
 
     @property
     def has_critic(self) -> bool:
+        """A critic `models["value"]` is trained (a separate model or a head on the policy)."""
         return self.value_model != "none"
+
+    @property
+    def value_head(self) -> bool:
+        """The critic is a value head on the policy's trunk (one forward for both)."""
+        return self.value_model == "head"
 
     @property
     def sampling_config(self) -> SamplingConfig:

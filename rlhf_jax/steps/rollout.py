@@ -5,8 +5,10 @@ the sampler's log-probs), the pure `rollout` that samples it from the policy's o
 arrays with `generate.generate` (so rollout and update share the arrays on the same mesh, no
 host copy), ReMax's greedy baseline rollout, the teacher-forced forwards of a policy, reference
 or critic over a rollout, and the scorer signature (`ScoreFn`) with an adapter for the trained
-reward model (mean, or the ensemble's conservative mean - k * std). Everything is pure and
-usable inside `jit`.
+reward model (mean, or the ensemble's conservative mean - k * std). A critic is either a
+separate `ScalarModel` (`completion_values`) or a value head on the policy's trunk, read from the
+policy's own forward (`completion_logps_and_values`). Everything is pure and usable inside
+`jit`.
 
 Layout. Prompts are left-padded to P, completions right-padded to N = max_new_tokens; the
 teacher-forced sequence is `[prompt | completion]` ([B, P + N], `generate.sequence_batch`), and
@@ -154,6 +156,30 @@ def _safe_temperature(temperature: jax.Array) -> jax.Array:
     return jnp.where(t > 0, t, 1.0)
 
 
+def _completion_hidden(model: Any, ro: Rollout) -> jax.Array:
+    """The policy's final hidden states that predict each completion token, [B, N, D]."""
+    hidden_BSD, _ = model.forward(ro.input_ids, ro.attention_mask, ro.positions)
+    prompt_len = ro.prompt_ids.shape[1]
+    return hidden_BSD[:, prompt_len - 1 : -1]
+
+
+def _logps_from_hidden(model, hidden_BND, ro: Rollout, temperature, chunk_size, entropy):
+    inv_t = 1.0 / _safe_temperature(temperature)
+
+    def unembed(h):
+        return model.unembed(h) * inv_t
+
+    if chunk_size >= ro.tokens.shape[1]:
+        # The whole completion's logits in one piece: no map and no rematerialisation, a
+        # smaller program (short completions, tests); same numbers as the chunked path.
+        logits_BNV = unembed(hidden_BND)
+        logps_BN = token_logprobs(logits_BNV, ro.tokens)
+        return (logps_BN, entropy_from_logits(logits_BNV)) if entropy else logps_BN
+    return chunked_token_logprobs(
+        hidden_BND, unembed, ro.tokens, chunk_size, return_entropy=entropy
+    )
+
+
 def completion_logps(
     graphdef: nnx.GraphDef,
     params: Any,
@@ -180,23 +206,44 @@ def completion_logps(
       `logps_BN`, or `(logps_BN, entropy_BN)`; values on padding are meaningless (mask them).
     """
     model = nnx.merge(graphdef, params)
-    hidden_BSD, _ = model.forward(ro.input_ids, ro.attention_mask, ro.positions)
-    prompt_len = ro.prompt_ids.shape[1]
-    hidden_BND = hidden_BSD[:, prompt_len - 1 : -1]
-    inv_t = 1.0 / _safe_temperature(temperature)
+    hidden_BND = _completion_hidden(model, ro)
+    return _logps_from_hidden(model, hidden_BND, ro, temperature, chunk_size, entropy)
 
-    def unembed(h):
-        return model.unembed(h) * inv_t
 
-    if chunk_size >= ro.tokens.shape[1]:
-        # The whole completion's logits in one piece: no map and no rematerialisation, a
-        # smaller program (short completions, tests); same numbers as the chunked path.
-        logits_BNV = unembed(hidden_BND)
-        logps_BN = token_logprobs(logits_BNV, ro.tokens)
-        return (logps_BN, entropy_from_logits(logits_BNV)) if entropy else logps_BN
-    return chunked_token_logprobs(
-        hidden_BND, unembed, ro.tokens, chunk_size, return_entropy=entropy
-    )
+def completion_logps_and_values(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    head_graphdef: nnx.GraphDef,
+    head_params: Any,
+    ro: Rollout,
+    *,
+    temperature: jax.Array,
+    chunk_size: int,
+    entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """One forward of the policy's trunk for its log-probs and its value head's values.
+
+    The critic `RLConfig.value_model = "head"`: a `models.ValueHead` on the policy's final
+    hidden states. Both outputs read the same hidden states, so a loss on the values
+    differentiates into the trunk's parameters (`params`) as well as the head's. The log-probs
+    are exactly `completion_logps(graphdef, params, ...)`'s (the head does not touch them).
+
+    Args:
+      graphdef, params: the policy (`Transformer`).
+      head_graphdef, head_params: its `ValueHead`.
+      ro, temperature, chunk_size, entropy: as for `completion_logps`.
+
+    Returns:
+      `(logps_BN, entropy_BN or None, values_BN)`, float32; padding is meaningless. The value
+      at completion token j is V of the context before it (column P - 1 + j), as in
+      `completion_values`.
+    """
+    model = nnx.merge(graphdef, params)
+    hidden_BND = _completion_hidden(model, ro)
+    out = _logps_from_hidden(model, hidden_BND, ro, temperature, chunk_size, entropy)
+    logps, ent = out if entropy else (out, None)
+    values_BN = nnx.merge(head_graphdef, head_params)(hidden_BND)
+    return logps, ent, values_BN
 
 
 def completion_values(graphdef: nnx.GraphDef, params: Any, ro: Rollout) -> jax.Array:

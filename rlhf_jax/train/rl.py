@@ -54,7 +54,7 @@ from rlhf_jax.data import pipeline  # noqa: F401  (registers @prompt_data for gi
 from rlhf_jax.data.tasks import judges
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.errors import SettingsError
-from rlhf_jax.models import ModelConfig, ScalarModel
+from rlhf_jax.models import ModelConfig, ScalarModel, ValueHead
 from rlhf_jax.reward_scoring import RewardNormalization, RewardScorer
 from rlhf_jax.rundir import check_model_class, load_params, read_model_info, resolve_run_dir
 from rlhf_jax.steps.algorithm import Algorithm, HParams
@@ -62,7 +62,7 @@ from rlhf_jax.steps.reward import make_reward_fn
 from rlhf_jax.steps.rl import kl_coef, prepare_batch, update
 from rlhf_jax.steps.rl_config import RLConfig, RLHParams, init_rl_extra
 from rlhf_jax.steps.rollout import Rollout, greedy_rollout, rollout
-from rlhf_jax.steps.state import Frozen, ModelState, StateFactory, TrainState
+from rlhf_jax.steps.state import Frozen, ModelState, StateFactory, TrainState, state_factory
 from rlhf_jax.train import stages
 from rlhf_jax.train.eval_hook import SampleEval
 from rlhf_jax.train.loop import HostSplit, LoopResult, StepFn
@@ -422,6 +422,20 @@ class RLRecipe(Recipe):
         return self._with_value(ctx, cfg, optimizer, policy)
 
     def _with_value(self, ctx, cfg, optimizer, policy: StateFactory) -> StateFactory:
+        if self.algorithm.rl.value_head:
+            # A ValueHead on the policy's trunk: models["value"] holds the head alone (d_model
+            # + 1 parameters and their optimiser moments), no second transformer nor second
+            # copy of its optimiser state. It starts fresh (VALUE_INIT does not apply) and is
+            # checkpointed with the state; the main `params` item stays a plain Transformer's.
+            def create_head(key: jax.Array) -> ModelState:
+                graphdef, params = nnx.split(ValueHead(cfg, rngs=nnx.Rngs(key)), nnx.Param)
+                return ModelState.create(graphdef=graphdef, params=params, optimizer=optimizer)
+
+            head = state_factory(create_head, jax.random.key(ctx.seed + 1), ctx.mesh, ctx.rules)
+            return StateFactory(
+                abstract=policy.abstract.with_model("value", head.abstract),
+                init=lambda: policy.init().with_model("value", head.init()),
+            )
         from_reward = self.value_init == "reward"
         vcfg = read_model_info(resolve_run_dir(self.reward_run))["model_config"] if from_reward \
             else cfg  # fmt: skip

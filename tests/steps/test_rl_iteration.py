@@ -1,7 +1,7 @@
 """The online-RL iteration on a tiny policy and a synthetic reward (share of a target token):
 determinism, one compile across hyperparameters, no host transfers, learning (RLOO and PPO),
-the two-program split against the one-program iteration, a factorial grid of switches, the
-NaN guard, and settings validation."""
+the critic as a value head on the policy's trunk, the two-program split against the one-program
+iteration, a factorial grid of switches, the NaN guard, and settings validation."""
 
 import dataclasses
 import functools
@@ -14,10 +14,10 @@ from flax import nnx
 
 from rlhf_jax import partitioning as P
 from rlhf_jax.errors import SettingsError, UserError
-from rlhf_jax.models import ScalarModel, Transformer, model_config
+from rlhf_jax.models import ScalarModel, Transformer, ValueHead, model_config
 from rlhf_jax.steps import rl
 from rlhf_jax.steps.rl_config import RLConfig, RLHParams, create_rl_state
-from rlhf_jax.steps.rollout import tokens_scorer
+from rlhf_jax.steps.rollout import completion_logps, completion_logps_and_values, tokens_scorer
 from rlhf_jax.steps.state import Frozen, ModelState
 from rlhf_jax.train.optim import make_optimizer
 
@@ -31,6 +31,9 @@ RLOO = RLConfig(estimator="rloo", num_minibatches=2, **BASE)
 PPO = RLConfig(estimator="ppo", value_model="separate", value_clip=True, entropy_bonus=True,
                whiten_advantages=True, epochs=2, num_minibatches=2, critic_warmup=1,
                **BASE)  # fmt: skip
+# PPO whose critic is a value head on the policy's trunk.
+HEAD = RLConfig(estimator="ppo", value_model="head", whiten_advantages=True, epochs=2,
+                num_minibatches=2, **BASE)  # fmt: skip
 # The programs here are tiny, and the shared 2-core machine's cost is XLA's compile time:
 # skipping LLVM's expensive passes halves it and changes no semantics.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -58,7 +61,10 @@ def _setup(cfg: RLConfig, hp: RLHParams):
         g, p = nnx.split(Transformer(MCFG, rngs=nnx.Rngs(0)), nnx.Param)
         opt = make_optimizer(name="adam", learning_rate=1e-2, clip_norm=1.0)
         value = None
-        if cfg.has_critic:
+        if cfg.value_head:
+            gv, pv = nnx.split(ValueHead(MCFG, rngs=nnx.Rngs(1)), nnx.Param)
+            value = ModelState.create(graphdef=gv, params=pv, optimizer=opt)
+        elif cfg.has_critic:
             gv, pv = nnx.split(ScalarModel(MCFG, rngs=nnx.Rngs(1)), nnx.Param)
             value = ModelState.create(graphdef=gv, params=pv, optimizer=opt)
         policy = ModelState.create(graphdef=g, params=p, optimizer=opt)
@@ -172,6 +178,117 @@ def test_ppo_raises_the_reward_and_fits_its_critic():
     assert hist[-1]["value/error"] < hist[0]["value/error"]
 
 
+def _changed(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b), strict=True))
+
+
+def test_value_head_iteration_trains_head_and_shared_trunk_without_a_second_model():
+    hp = RLHParams.create()
+    state, frozen, prompts = _setup(HEAD, hp)
+    new, hist = _run(HEAD, state, frozen, prompts, jax.random.key(0), hp, n=2)
+    for m in hist:
+        bad = {k: v for k, v in m.items() if not np.isfinite(v)}
+        assert not bad, bad
+        assert {"loss/value", "value/explained_var", "value/error", "grad_norm/value"} <= set(m)
+    assert int(new.step) == 2
+    assert _changed(state.models["policy"].params, new.models["policy"].params)
+    assert _changed(state.models["value"].params, new.models["value"].params)
+    # The critic is the head alone (d_model + 1 numbers), and the policy's parameters keep a
+    # plain Transformer's structure: what checkpoints and export publish.
+    head_leaves = jax.tree.leaves(new.models["value"].params)
+    assert sum(x.size for x in head_leaves) == MCFG.d_model + 1
+    plain = nnx.state(Transformer(MCFG, rngs=nnx.Rngs(0)), nnx.Param)
+    assert jax.tree.structure(new.models["policy"].params) == jax.tree.structure(plain)
+
+
+@functools.cache
+def _head_batch():
+    """(state, batch) of one scored HEAD rollout (prepare_batch's output)."""
+    hp = RLHParams.create()
+    state, frozen, prompts = _setup(HEAD, hp)
+    mesh, rules = _mesh()
+
+    def fn(state, frozen, prompts, key, hp):
+        ro, _ = rl.rollout_program(state, frozen, prompts, key, hp, cfg=HEAD)
+        batch, _, _ = rl.prepare_batch(state, frozen, ro, score_fn(frozen, ro), hp, cfg=HEAD)
+        return batch
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        batch = jax.jit(fn, compiler_options=FAST)(state, frozen, prompts, jax.random.key(4), hp)
+    return state, batch
+
+
+def test_value_head_loss_decreases_on_a_fixed_batch():
+    state, batch = _head_batch()
+    hp = RLHParams.create(vf_coef=1.0)
+    mesh, rules = _mesh()
+    step = jax.jit(functools.partial(rl.update, cfg=HEAD), compiler_options=FAST)
+    losses = []
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        for _ in range(6):
+            state, m = step(state, batch, jax.random.key(0), hp, hp.kl_coef)
+            losses.append(float(m["loss/value"]))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_value_loss_gradient_reaches_the_trunk_scaled_by_vf_coef():
+    """d(loss)/d(trunk) = policy part + vf_coef * value part: the value loss trains the shared
+    trunk, linearly in vf_coef, and the head gets no gradient from the policy loss."""
+    state, batch = _head_batch()
+    models = state.models
+    params = {name: m.params for name, m in models.items()}
+
+    @jax.jit
+    def grads(vf_coef):
+        hp = RLHParams.create(vf_coef=vf_coef)
+        return jax.grad(lambda p: rl._minibatch_loss(p, batch, models, hp.kl_coef, hp, HEAD)[0])(
+            params
+        )
+
+    mesh, rules = _mesh()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        g0, g1, g2 = (jax.device_get(grads(c)) for c in (0.0, 1.0, 2.0))
+    for x in jax.tree.leaves(g0["value"]):
+        np.testing.assert_array_equal(x, 0.0)
+    trunk = [jax.tree.leaves(g["policy"]["blocks"]) for g in (g0, g1, g2)]
+    d1 = [b - a for a, b in zip(trunk[0], trunk[1], strict=True)]
+    d2 = [c - a for a, c in zip(trunk[0], trunk[2], strict=True)]
+    # Every trunk weight of every block gets a value-loss gradient ...
+    assert all(np.any(np.abs(d) > 0) for d in d1)
+    # ... proportional to vf_coef.
+    for a, b in zip(d1, d2, strict=True):
+        np.testing.assert_allclose(b, 2 * a, rtol=1e-3, atol=1e-7)
+
+
+def test_value_head_leaves_the_logits_path_a_plain_transformer():
+    """After head-PPO updates, the policy's parameters in a plain Transformer give the very
+    log-probs of the shared forward, and the values are the head on its hidden states."""
+    hp = RLHParams.create()
+    state, frozen, prompts = _setup(HEAD, hp)
+    new, _ = _run(HEAD, state, frozen, prompts, jax.random.key(0), hp)
+    _, batch = _head_batch()
+    ro = batch.rollout
+    policy, head = new.models["policy"], new.models["value"]
+    mesh, rules = _mesh()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        logps, _, values = completion_logps_and_values(
+            policy.graphdef, policy.params, head.graphdef, head.params, ro,
+            temperature=hp.temperature, chunk_size=HEAD.logits_chunk_size,
+        )  # fmt: skip
+        plain_g = nnx.graphdef(Transformer(MCFG, rngs=nnx.Rngs(0)))
+        plain = completion_logps(
+            plain_g, policy.params, ro, temperature=hp.temperature, chunk_size=64
+        )
+        model = nnx.merge(plain_g, policy.params)
+        hidden, _ = model.forward(ro.input_ids, ro.attention_mask, ro.positions)
+        p = ro.prompt_ids.shape[1]
+        by_hand = hidden[:, p - 1 : -1] @ head.params["w"][...] + head.params["b"][...][0]
+    mask = np.asarray(ro.mask) > 0
+    np.testing.assert_allclose(np.asarray(logps)[mask], np.asarray(plain)[mask], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(values), np.asarray(by_hand), rtol=1e-5, atol=1e-6)
+
+
 def test_two_programs_around_host_scores_match_one_program():
     cfg = RLOO
     hp = RLHParams.create()
@@ -253,6 +370,8 @@ def test_switch_combinations_run_with_finite_metrics(name):
         (dict(num_minibatches=3), "num_minibatches"),
         (dict(estimator="ppo"), "value_model"),
         (dict(estimator="rloo", value_model="separate"), "value_model"),
+        (dict(estimator="grpo", value_model="head"), "value_model"),
+        (dict(estimator="ppo", value_model="trunk"), "value_model"),
         (dict(estimator="vtrace"), "estimator"),
         (dict(policy_loss="cispo", dual_clip=True), "dual clip"),
         (dict(kl_estimator="k4"), "kl_estimator"),
@@ -275,24 +394,30 @@ def test_config_shapes_and_alias():
     assert cfg.sampling_config.stop_tokens == (EOS,) and cfg.greedy_config.greedy
 
 
-def test_a_sharded_mesh_runs_the_same_iteration():
-    """Parameters sharded over a 2x2x2 mesh (rows over data x fsdp, heads over tensor) give
-    the one-device iteration's samples and numbers."""
+@pytest.mark.parametrize("cfg", [RLOO, HEAD], ids=["rloo", "ppo_value_head"])
+def test_a_sharded_mesh_runs_the_same_iteration(cfg):
+    """Parameters sharded over a 2x2x2 mesh (rows over data x fsdp, heads over tensor; the
+    value head's weight over fsdp) give the one-device iteration's samples and numbers."""
     hp = RLHParams.create()
-    state, frozen, prompts = _setup(RLOO, hp)
+    state, frozen, prompts = _setup(cfg, hp)
     key = jax.random.key(5)
-    one, (m_one,) = _run(RLOO, state, frozen, prompts, key, hp)
+    one, (m_one,) = _run(cfg, state, frozen, prompts, key, hp)
     mesh, rules = P.make_mesh((2, 2, 2), jax.devices()[:8]), P.logical_rules()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = jax.device_put(state, P.state_shardings(state, mesh, rules))
         frozen = jax.device_put(frozen, P.state_shardings(frozen, mesh, rules))
         prompts = jax.device_put(prompts, P.batch_sharding(mesh, 2))
-        eight, m_eight = _iteration(RLOO)(state, frozen, prompts, key, hp)
+        eight, m_eight = _iteration(cfg)(state, frozen, prompts, key, hp)
     specs = [x.sharding.spec for x in jax.tree.leaves(eight.models["policy"].params)]
     assert any(any(axis is not None for axis in spec) for spec in specs)
+    if cfg.value_head:
+        assert tuple(eight.models["value"].params["w"][...].sharding.spec) == ("fsdp",)
     m_eight = jax.device_get(m_eight)
     assert m_one["response/length"] == m_eight["response/length"]
-    for k in ("reward/proxy", "kl/k1", "loss/policy", "entropy", "advantages/std"):
+    keys = ("reward/proxy", "kl/k1", "loss/policy", "entropy", "advantages/std")
+    if cfg.has_critic:
+        keys += ("loss/value", "value/explained_var")
+    for k in keys:
         np.testing.assert_allclose(m_one[k], m_eight[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for x, y in zip(_leaves(one.models), _leaves(eight.models), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
