@@ -388,6 +388,7 @@ def _run(
             groups, points, sweep=sweep, out_dir=out_dir, launch=launch, env=env,
             prepare=lambda p: _prepare_point(p, sweep, shared, out_dir, env), save=save,
             progress=progress, poll_s=poll_s, cache_entries=lambda: count_cache_entries(cache),
+            finished=lambda run_dir: read_summary(run_dir) is not None,
         )  # fmt: skip
         todo = []  # every point was run by its population
     try:

@@ -12,27 +12,118 @@ population mode cannot train (the online RL stage) is refused before anything is
 
 `run_populations` launches each population as one job of the sweep's launcher (a subprocess
 with the local launcher, one SLURM job with submitit): `python -c POPULATION_PROGRAM JOB.json
---result RESULT.json`, its files in OUT_DIR/populations/. Every member's run directory is a
-normal run (bindings.gin, point.json, metrics.jsonl, checkpoints, summary.json); sweep.json
-holds the same statuses as the points mode, each point with its population's index. An
+--result RESULT.json` (`main`: each member configured by its gin files, `gin_member`, then
+`train.population.run_population`), its files in OUT_DIR/populations/. Every member's run
+directory is a normal run (bindings.gin, point.json, metrics.jsonl, checkpoints, summary.json);
+sweep.json holds the same statuses as the points mode, each point with its population's index. An
 interrupted sweep stops the running population (SIGTERM: every member checkpoints) and leaves
 its members queued; the same command resumes them.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import gin
+from gin import config as gin_config
+
+from rlhf_jax import atomic, gin_utils
 from rlhf_jax.errors import UserError
 from rlhf_jax.sweep.launchers import Launcher, PointTask, last_error
 from rlhf_jax.sweep.spec import Sweep, SweepError, binding_lines, point_name
+from rlhf_jax.train.population import (
+    Member,
+    PopulationError,
+    check_supported,
+    run_population,
+)
+from rlhf_jax.train.stage import Recipe, StageCaptured, capture_stage
 
 POPULATIONS_DIR = "populations"
+POPULATION_PROGRAM = "import sys; from rlhf_jax.sweep.population import main; sys.exit(main())"
+
+# Parameters that may differ between the members of one population: what each member wires on
+# its own (seed: init and data order; run_dir) and the update's traced hyperparameters.
+PER_MEMBER_PARAMS = frozenset({"seed", "run_dir", "lr_scale", "debug_nan_step"})
+# The gin builders of the algorithms' traced loss hyperparameters (`HParams.loss`).
+TRACED_CONFIGURABLES = frozenset({"dpo_hparams", "reward_hparams", "rl_hparams"})
 Group = tuple[list[int], str | None]  # (indices of the sweep's points, error of a bad point)
+
+
+def capture(name: str, gin_files: Sequence[str], bindings: Sequence[str]) -> tuple[Recipe, dict]:
+    """Parses a member's gin and returns the recipe and `run_stage` arguments its stage builds
+    (nothing is trained; gin holds the member's configuration afterwards).
+
+    Raises:
+      UserError: bad gin or settings; PopulationError: a stage population mode cannot train.
+    """
+    from rlhf_jax import commands
+
+    gin.clear_config()
+    commands.parse_gin(list(gin_files), list(bindings))
+    with capture_stage():
+        try:
+            commands.train_command()
+        except StageCaptured as c:
+            check_supported(c.recipe)
+            return c.recipe, c.kwargs
+    raise PopulationError(
+        f"{name}: its stage (train.stage) ran without the generic stage "
+        "(train.stage.run_stage): population mode trains only stages built on it"
+    )
+
+
+def gin_member(name: str, gin_files: Sequence[str], bindings: Sequence[str] = ()) -> Member:
+    """A population member configured by gin files and bindings, as `rlhf-jax train` would be."""
+    return Member(name, functools.partial(capture, name, list(gin_files), list(bindings)))
+
+
+def _resolve(value: Any, macros: dict[str, Any]) -> Any:
+    """A parsed gin value with macro references replaced by their values."""
+    if isinstance(value, gin_config.ConfigurableReference):
+        sel = value.scoped_selector
+        if sel.endswith("/gin.macro"):
+            return _resolve(macros.get(sel[: -len("/gin.macro")]), macros)
+        return f"@{sel}{'()' if value.evaluate else ''}"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve(v, macros) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, macros) for k, v in value.items()}
+    return value
+
+
+def static_gin_key() -> str:
+    """The parsed gin configuration (macros resolved) without what members may differ in
+    (`PER_MEMBER_PARAMS`, the parameters of `TRACED_CONFIGURABLES`): equal keys mean the
+    same program."""
+    macros = gin_utils.macros()
+    lines = []
+    for (scope, sel), params in sorted(gin_config._CONFIG.items()):
+        if sel == "gin.macro" or sel.rsplit(".", 1)[-1] in TRACED_CONFIGURABLES:
+            continue
+        for name, value in sorted(params.items()):
+            if name not in PER_MEMBER_PARAMS:
+                lines.append(f"{scope}/{sel}.{name} = {_resolve(value, macros)!r}")
+    return "\n".join(lines)
+
+
+def static_signature(name: str, gin_files: Sequence[str], bindings: Sequence[str]) -> str:
+    """What must be equal for members to share one program: the static gin configuration and
+    the algorithm object (a traced value may switch a static path, e.g. RPO_ALPHA = 0 or not).
+
+    Raises:
+      UserError: bad gin or settings; PopulationError: an unsupported stage.
+    """
+    recipe, _ = capture(name, gin_files, bindings)
+    return f"{recipe.name}\n{recipe.algorithm!r}\n{static_gin_key()}"
 
 
 def group_points(sweep: Sweep) -> list[Group]:
@@ -42,10 +133,6 @@ def group_points(sweep: Sweep) -> list[Group]:
     Raises:
       SweepError: a point's stage is not supported in population mode.
     """
-    import gin
-
-    from rlhf_jax.train.population import Member, PopulationError, static_signature
-
     shared = binding_lines(sweep.bindings)
     groups: dict[str, list[int]] = {}
     bad: list[Group] = []
@@ -54,7 +141,7 @@ def group_points(sweep: Sweep) -> list[Group]:
             # One placeholder RUN_DIR for all: a point's own RUN_DIR is per member anyway.
             lines = [*shared, *binding_lines(p), "RUN_DIR = '/sweep/point'"]
             try:
-                key = static_signature(Member(point_name(p), list(sweep.gin_files), lines))
+                key = static_signature(point_name(p), sweep.gin_files, lines)
             except PopulationError as e:
                 raise SweepError(f"point {point_name(p)}: {e}") from None
             except UserError as e:
@@ -81,6 +168,7 @@ def run_populations(
     progress: Any,
     poll_s: float,
     cache_entries: Callable[[], int],
+    finished: Callable[[Path], bool],
 ) -> None:
     """Runs the unfinished members of each population, one population at a time, updating the
     points' entries of sweep.json (`points`) and saving them (`save`) as they change.
@@ -90,9 +178,8 @@ def run_populations(
       points: sweep.json's point entries, in the sweep's order.
       prepare: writes a point's bindings.gin and point.json (the points mode's own).
       cache_entries: the shared compilation cache's entry count (compiles = entries added).
+      finished: whether a run directory holds a finished run (its summary.json).
     """
-    from rlhf_jax.sweep.launch import read_summary, write_json_strict
-    from rlhf_jax.train.population import POPULATION_PROGRAM
 
     for k, (indices, error) in enumerate(groups):
         for i in indices:
@@ -115,7 +202,8 @@ def run_populations(
             task = prepare(p)
             gin_files = [*sweep.gin_files, str(task.run_dir / "bindings.gin")]
             members.append({"name": p["name"], "gin_files": gin_files, "bindings": []})
-        write_json_strict(job, {"sweep": sweep.name, "population": k, "members": members})
+        pop_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(job, {"sweep": sweep.name, "population": k, "members": members})
         result.unlink(missing_ok=True)
         task = PointTask(f"population-{k}", pop_dir, [str(job), "--result", str(result)],
                          dict(env), log_path, program=POPULATION_PROGRAM)  # fmt: skip
@@ -160,7 +248,7 @@ def run_populations(
         reported = json.loads(result.read_text()) if result.exists() else {}
         for p in todo:
             p.update(returncode=rc, wall_s=wall, new_cache_entries=n_new)
-            if read_summary(out_dir / p["run_dir"]) is not None:
+            if finished(out_dir / p["run_dir"]):
                 p.update(status="done", error=None)
                 progress.event(f"done    {p['name']} (population-{k}, {wall:.0f} s)")
                 continue
@@ -174,3 +262,40 @@ def run_populations(
             p["status"] = "failed"
             progress.event(f"FAILED  {p['name']}: {p['error']}")
         save()
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -c POPULATION_PROGRAM JOB.json [--result OUT.json]`: one population of a sweep.
+
+    JOB.json: `{"members": [{"name", "gin_files", "bindings"}]}`. OUT.json (written at the
+    end): `{name: {"status", "error"}}`. Exit code 0 when no member failed, 1 when some did,
+    2 for bad input (one message).
+    """
+    p = argparse.ArgumentParser(prog="rlhf-jax population")
+    p.add_argument("job")
+    p.add_argument("--result", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    from rlhf_jax import partitioning, settings
+
+    try:
+        partitioning.initialize_distributed(*settings.distributed(None, None, None))
+        job = json.loads(Path(args.job).read_text())
+        members = [gin_member(m["name"], m["gin_files"], m["bindings"]) for m in job["members"]]
+        results = run_population(members)
+    except UserError as e:
+        print(f"rlhf-jax: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        return 2
+    if args.result and _process_index() == 0:
+        report = {r.name: {"status": r.status, "error": r.error} for r in results}
+        atomic.write_json(Path(args.result), report)
+    return 1 if any(r.status == "failed" for r in results) else 0

@@ -1,11 +1,11 @@
 """Populations: runs of one stage that differ only in traced hyperparameters and seeds, trained as
 ONE program `vmap`ped over a leading population axis.
 
-A member is described exactly as a single run is (base gin files, then its bindings with its
-RUN_DIR). `run_population(members)`:
+A member is configured exactly as a single run is (`Member.configure`: the sweep parses its gin
+files and lets the gin stage function build its `Recipe` without running it,
+`train.stage.capture_stage`). `run_population(members)`:
 
-1. per member: parses its gin, lets the gin stage function build its `Recipe` without running it
-   (`train.stage.capture_stage`), checks it, takes the run-directory lock and wires the stage
+1. per member: configures it, checks it, takes the run-directory lock and wires the stage
    (`train.stage.build_stage`: the data in its seed's order, model, optimiser, state factory,
    reference cache); then the loop's own per-run bookkeeping (`train.loop._Run`) restores the
    member's newest checkpoint or initialises it;
@@ -30,20 +30,17 @@ Limits: algorithms that run their own iteration (`Algorithm.update` overridden: 
 stage) are not supported yet; every member of a population must be at the same step (they are
 unless one was resumed or run on its own in between).
 
-The sweep launches a population as `python -c POPULATION_PROGRAM JOB.json --result OUT.json`
-(`main`).
+The sweep (`sweep.population`) groups points into populations and launches each as one job.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,35 +49,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from gin import config as gin_config
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from rlhf_jax import gin_utils, partitioning
+from rlhf_jax import partitioning
 from rlhf_jax.errors import UserError
 from rlhf_jax.steps.algorithm import Algorithm
 from rlhf_jax.steps.state import describe_nonfinite_kind
 from rlhf_jax.train import faults
 from rlhf_jax.train.loop import _due, _Run
-from rlhf_jax.train.metrics import Throughput, write_json_atomic
-from rlhf_jax.train.stage import (
-    BuiltStage,
-    Recipe,
-    StageCaptured,
-    build_stage,
-    capture_stage,
-    check_stage,
-)
+from rlhf_jax.train.metrics import Throughput
+from rlhf_jax.train.stage import BuiltStage, Recipe, build_stage, check_stage
 
 log = logging.getLogger(__name__)
-
-POPULATION_PROGRAM = "import sys; from rlhf_jax.train.population import main; sys.exit(main())"
-
-# Parameters that may differ between the members of one population: what each member wires on
-# its own (seed: init and data order; run_dir) and the update's traced hyperparameters.
-PER_MEMBER_PARAMS = frozenset({"seed", "run_dir", "lr_scale", "debug_nan_step"})
-# The gin builders of the algorithms' traced loss hyperparameters (`HParams.loss`).
-TRACED_CONFIGURABLES = frozenset({"dpo_hparams", "reward_hparams", "rl_hparams"})
 
 HostBatch = dict[str, np.ndarray]
 
@@ -91,17 +72,18 @@ class PopulationError(UserError):
 
 @dataclasses.dataclass
 class Member:
-    """One member, as a single run would be configured.
+    """One member.
 
     Attributes:
       name: a label (the sweep point's name).
-      gin_files: the gin files, in order (the sweep's base files, then the point's bindings.gin).
-      bindings: further binding lines.
+      configure: sets gin to the member's configuration and returns the recipe and `run_stage`
+        arguments its stage builds (`sweep.population.gin_member` parses its gin files and
+        captures them with `train.stage.capture_stage`); `run_population` wires the member
+        while gin holds that configuration.
     """
 
     name: str
-    gin_files: list[str]
-    bindings: list[str] = dataclasses.field(default_factory=list)
+    configure: Callable[[], tuple[Recipe, dict[str, Any]]]
 
 
 @dataclasses.dataclass
@@ -117,77 +99,14 @@ class MemberResult:
 # ----------------------------------------------------------------------------- capture and checks
 
 
-def capture(member: Member) -> tuple[Recipe, dict[str, Any]]:
-    """Parses `member`'s gin and returns the recipe and `run_stage` arguments its stage builds
-    (nothing is trained; gin holds the member's configuration afterwards).
-
-    Raises:
-      UserError: bad gin or settings; PopulationError: a stage population mode cannot train.
-    """
-    from rlhf_jax import commands
-
-    gin.clear_config()
-    commands.parse_gin(member.gin_files, member.bindings)
-    with capture_stage():
-        try:
-            commands.train_command()
-        except StageCaptured as c:
-            check_supported(c.recipe)
-            return c.recipe, c.kwargs
-    raise PopulationError(
-        f"{member.name}: its stage (train.stage) ran without the generic stage "
-        "(train.stage.run_stage): population mode trains only stages built on it"
-    )
-
-
 def check_supported(recipe: Recipe) -> None:
     """Raises `PopulationError` for a stage population mode cannot train yet."""
     if type(recipe.algorithm).update is not Algorithm.update:
         raise PopulationError(
             f"--mode population does not support the {recipe.name} stage yet: its algorithm "
             "runs its own iteration (online RL: rollouts, scoring, several updates); run its "
-            "points with --mode local"
+            "points with --mode points"
         )
-
-
-def _resolve(value: Any, macros: dict[str, Any]) -> Any:
-    """A parsed gin value with macro references replaced by their values."""
-    if isinstance(value, gin_config.ConfigurableReference):
-        sel = value.scoped_selector
-        if sel.endswith("/gin.macro"):
-            return _resolve(macros.get(sel[: -len("/gin.macro")]), macros)
-        return f"@{sel}{'()' if value.evaluate else ''}"
-    if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v, macros) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve(v, macros) for k, v in value.items()}
-    return value
-
-
-def static_gin_key() -> str:
-    """The parsed gin configuration (macros resolved) without what members may differ in
-    (`PER_MEMBER_PARAMS`, the parameters of `TRACED_CONFIGURABLES`): equal keys mean the
-    same program."""
-    macros = gin_utils.macros()
-    lines = []
-    for (scope, sel), params in sorted(gin_config._CONFIG.items()):
-        if sel == "gin.macro" or sel.rsplit(".", 1)[-1] in TRACED_CONFIGURABLES:
-            continue
-        for name, value in sorted(params.items()):
-            if name not in PER_MEMBER_PARAMS:
-                lines.append(f"{scope}/{sel}.{name} = {_resolve(value, macros)!r}")
-    return "\n".join(lines)
-
-
-def static_signature(member: Member) -> str:
-    """What must be equal for members to share one program: the static gin configuration and
-    the algorithm object (a traced value may switch a static path, e.g. RPO_ALPHA = 0 or not).
-
-    Raises:
-      UserError: bad gin or settings; PopulationError: an unsupported stage.
-    """
-    recipe, _ = capture(member)
-    return f"{recipe.name}\n{recipe.algorithm!r}\n{static_gin_key()}"
 
 
 def _check_static(setups: list[_Setup]) -> None:
@@ -371,7 +290,7 @@ class _Population:
             at = ", ".join(f"{r.setup.member.name} at step {r.step}" for r in self.runs)
             raise PopulationError(
                 f"the members' checkpoints are at different steps ({at}): a population starts "
-                "its members together; finish them with --mode local"
+                "its members together; finish them with --mode points"
             )
         self.step = steps.pop() if steps else 0
         return done
@@ -540,7 +459,8 @@ def run_population(members: Sequence[Member]) -> list[MemberResult]:
     with contextlib.ExitStack() as stack:
         setups = []
         for m in members:
-            recipe, kwargs = capture(m)
+            recipe, kwargs = m.configure()
+            check_supported(recipe)
             check_stage(recipe, **kwargs)
             stack.enter_context(faults.RunLock(Path(kwargs["run_dir"])))
             built = build_stage(recipe, **kwargs)
@@ -558,34 +478,3 @@ def run_population(members: Sequence[Member]) -> list[MemberResult]:
             finally:
                 pop.close()
     return [results[m.name] for m in members]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -c POPULATION_PROGRAM JOB.json [--result OUT.json]`: the population of a sweep.
-
-    JOB.json: `{"members": [{"name", "gin_files", "bindings"}]}`. OUT.json (written at the
-    end): `{name: {"status", "error"}}`. Exit code 0 when no member failed, 1 when some did,
-    2 for bad input (one message).
-    """
-    p = argparse.ArgumentParser(prog="rlhf-jax population")
-    p.add_argument("job")
-    p.add_argument("--result", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    logging.getLogger("jax").setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    from rlhf_jax import settings
-
-    try:
-        partitioning.initialize_distributed(*settings.distributed(None, None, None))
-        job = json.loads(Path(args.job).read_text())
-        members = [Member(**m) for m in job["members"]]
-        results = run_population(members)
-    except UserError as e:
-        print(f"rlhf-jax: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
-        return 2
-    if args.result and jax.process_index() == 0:
-        report = {r.name: {"status": r.status, "error": r.error} for r in results}
-        write_json_atomic(Path(args.result), report)
-    return 1 if any(r.status == "failed" for r in results) else 0

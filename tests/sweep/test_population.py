@@ -167,7 +167,8 @@ def test_sigterm_resumes_and_a_nonfinite_member_fails_alone(population, tmp_path
     resumes them. Member 1 turns NaN in its 4th step (step index 3) under
     nonfinite_policy='halt': it is recorded as failed, with no later records, while member 0
     finishes with the metrics of its separate run."""
-    from rlhf_jax.train.population import Member, run_population
+    from rlhf_jax.sweep.population import gin_member
+    from rlhf_jax.train.population import run_population
 
     out, _, separate = population
     ok, nan = POP_POINTS[0], POP_POINTS[-1]
@@ -177,7 +178,7 @@ def test_sigterm_resumes_and_a_nonfinite_member_fails_alone(population, tmp_path
             run = tmp_path / point_name(p)
             lines = [*(out / point_name(p) / "bindings.gin").read_text().splitlines()]
             lines += [f"RUN_DIR = '{run}'", "NONFINITE_POLICY = 'halt'", *more, *extra]
-            return Member(point_name(p), [DPO_GIN], lines)
+            return gin_member(point_name(p), [DPO_GIN], lines)
 
         return [member(ok, []), member(nan, ["dpo_stage.debug_nan_step = 3"])]
 
@@ -199,3 +200,15 @@ def test_sigterm_resumes_and_a_nonfinite_member_fails_alone(population, tmp_path
     for a, b in zip(good, ref, strict=True):
         for k in (k for k in b if k.startswith(("train/", "eval/")) and "accuracies" not in k):
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=ATOL), (a["step"], k)
+
+
+def test_online_rl_stage_is_refused_with_exit_2(sft_run, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--gin_file", "gin/experiments/grpo_reviews_tiny.gin", "--grid", "SEED=0,1",
+            f"--gin.SFT_RUN='{sft_run}'", "--gin.REWARD_RUN=None", "--gin.rl_stage.reward='gold'",
+            "--out_dir", str(out), "--mode", "population"]  # fmt: skip
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not support the rl_stage stage" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
