@@ -281,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("job")
     p.add_argument("--result", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
+    # force: the imports above (orbax, absl) may have put a handler on the root logger already.
+    logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
