@@ -15,6 +15,11 @@ then owns the rest, in this order:
    `optimizer_steps_per_iteration`), the state factory and RUN_DIR/model.json;
 4. the `LoopSpec` (generic `train_step` / `eval_step` bound to the algorithm), `train_loop`,
    and the recipe's `finish` on the summary.
+
+Steps 1-3 and the `LoopSpec` are `check_stage` and `build_stage`, so that a population
+(`train.population`) wires each member exactly as a single run; inside `capture_stage()` a gin
+stage function's `run_stage` call returns its recipe and arguments (`StageCaptured`) instead of
+training.
 """
 
 from __future__ import annotations
