@@ -90,6 +90,9 @@ section graphs_seg0 70 "$GRAPHS" -- --sizes gpt2 \
 section cublaslt 100 "--xla_gpu_enable_cublaslt=true" -- --sizes gpt2 \
   --variants base,fused_qkv+reduce+rbg --skip_transformers --skip_probe
 
+# 6. Populations (issue 15): 8 tiny DPO runs as one vmapped program vs one after another (needs runs/quickstart).
+((BUDGET - SECONDS > 240)) && [ -d runs/quickstart/sft ] && { timeout 200 python3 benchmarks/bench_population.py --train_steps 40 --quickstart runs/quickstart --out_dir /tmp/bench_population > "$OUT/population.log" 2>&1; tail -6 "$OUT/population.log"; }
+
 left=$((BUDGET - SECONDS))
 if ((left > 60)); then
   echo "=== jax 0.11 compatibility: CPU test subset ($left s left)"

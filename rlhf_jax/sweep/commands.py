@@ -1,6 +1,7 @@
 """The `rlhf-jax sweep` and `rlhf-jax report` commands (their flags and their entry points).
 
     rlhf-jax sweep SPEC.py --out_dir DIR [--launcher local|slurm] [--parallel N]
+                   [--mode points|population]
     rlhf-jax sweep --gin_file F.gin --grid 'BETA=0.05,0.1' --grid 'SEED=0,1' --out_dir DIR
     rlhf-jax report DIR
 
@@ -42,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
         )
         p.add_argument("--launcher", choices=("local", "slurm"), default="local")
         p.add_argument("--parallel", type=int, default=1, help="points running at once")
+        p.add_argument(
+            "--mode",
+            default="points",
+            help="points (default: each point its own run) or population (points that differ "
+            "only in traced hyperparameters and seeds train as one vmapped program)",
+        )
         p.add_argument("--cache_dir", default=None, help="shared JAX compilation cache")
         p.add_argument(
             "--slurm",
@@ -151,5 +158,6 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         cache_dir=args.cache_dir,
         slurm=_parse_slurm(args.slurm),
         stream=sys.stdout,
+        mode=args.mode,
     )
     return min(FAILED_POINTS_BASE + result.failed, 255) if result.failed else 0

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 SWEEP_JSON = "sweep.json"
 STATUSES = ("done", "running", "failed", "queued")
+# "points": each point is its own `rlhf-jax train` run; "population": points that differ only in
+# traced hyperparameters and seeds train as one vmapped program (`sweep.population`).
+MODES = ("points", "population")
 
 
 # ----------------------------------------------------------------------------- files
@@ -238,6 +241,7 @@ def run_sweep(
     stream: TextIO | None = sys.stdout,
     poll_s: float = 0.5,
     validate_first: bool = True,
+    mode: str = "points",
 ) -> SweepResult:
     """Runs (or continues) a sweep; see the module docstring.
 
@@ -251,6 +255,7 @@ def run_sweep(
       stream: where the progress display goes (None: silent).
       poll_s: seconds between status checks.
       validate_first: parse every point's bindings before starting (see `validate`).
+      mode: "points" (one run per point) or "population" (`sweep.population`).
 
     Returns:
       The invocation's counts; `failed` is the number of points that failed.
@@ -260,10 +265,17 @@ def run_sweep(
     """
     if not isinstance(parallel, int) or parallel < 1:
         raise SweepError(f"--parallel must be a positive integer, got {parallel!r}")
+    if mode not in MODES:
+        raise SweepError(f"unknown --mode {mode!r} (choose one of {', '.join(MODES)})")
     out_dir = Path(out_dir).absolute()
     previous = _check_out_dir(out_dir, sweep)
     if validate_first:
         validate(sweep)
+    groups = None
+    if mode == "population":
+        from rlhf_jax.sweep.population import group_points
+
+        groups = group_points(sweep)  # refuses an unsupported stage before anything is written
     launch = _make_launcher(launcher, out_dir, slurm)
     cache = Path(cache_dir).absolute() if cache_dir else out_dir / "jax_cache"
     env = {
@@ -281,8 +293,9 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     with _sweep_lock(out_dir):
         return _run(
-            sweep, out_dir, launch, launcher, parallel, cache, env, previous, stream, poll_s
-        )
+            sweep, out_dir, launch, launcher, parallel, cache, env, previous, stream, poll_s,
+            groups,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -310,6 +323,7 @@ def _run(
     previous: dict | None,
     stream: TextIO | None,
     poll_s: float,
+    groups: list | None = None,
 ) -> SweepResult:
     shared = binding_lines(sweep.bindings)
     old_points = {p["name"]: p for p in (previous or {}).get("points", [])}
@@ -341,6 +355,7 @@ def _run(
         "gin_files": [str(f) for f in sweep.gin_files],
         "bindings": {k: _json_value(v) for k, v in sweep.bindings.items()},
         "launcher": launcher if isinstance(launcher, str) else type(launcher).__name__,
+        "mode": "points" if groups is None else "population",
         "points": points,
         "compile": {
             "cache_dir": str(cache),
@@ -365,6 +380,17 @@ def _run(
     active: dict[str, tuple[Any, dict, float, int]] = {}
     save()
     progress.show(state["counts"])
+    if groups is not None:
+        from rlhf_jax.sweep.population import run_populations
+
+        state["populations"] = [[points[i]["name"] for i in idx] for idx, _ in groups]
+        run_populations(
+            groups, points, sweep=sweep, out_dir=out_dir, launch=launch, env=env,
+            prepare=lambda p: _prepare_point(p, sweep, shared, out_dir, env), save=save,
+            progress=progress, poll_s=poll_s, cache_entries=lambda: count_cache_entries(cache),
+            finished=lambda run_dir: read_summary(run_dir) is not None,
+        )  # fmt: skip
+        todo = []  # every point was run by its population
     try:
         while todo or active:
             while todo and len(active) < parallel:

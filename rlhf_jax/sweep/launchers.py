@@ -45,6 +45,7 @@ class PointTask:
     argv: list[str]  # arguments of `rlhf-jax` (starting with "train")
     env: dict[str, str]  # variables added to the environment
     log_path: Path
+    program: str = TRAIN_PROGRAM  # the Python program run with `argv` (a population's: its own)
 
 
 class Launcher:
@@ -61,9 +62,9 @@ class Launcher:
         raise NotImplementedError
 
 
-def point_command(argv: Sequence[str]) -> list[str]:
+def point_command(argv: Sequence[str], program: str = TRAIN_PROGRAM) -> list[str]:
     """The full command line of a point (this Python, the `rlhf-jax` entry point)."""
-    return [sys.executable, "-c", TRAIN_PROGRAM, *argv]
+    return [sys.executable, "-c", program, *argv]
 
 
 class LocalLauncher(Launcher):
@@ -72,7 +73,7 @@ class LocalLauncher(Launcher):
     def start(self, task: PointTask) -> subprocess.Popen:
         with open(task.log_path, "ab") as out:
             return subprocess.Popen(
-                point_command(task.argv),
+                point_command(task.argv, task.program),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -93,7 +94,9 @@ class LocalLauncher(Launcher):
                 handle.kill()
 
 
-def run_point_job(argv: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
+def run_point_job(
+    argv: Sequence[str], env: Mapping[str, str], log_path: str, program: str = TRAIN_PROGRAM
+) -> int:
     """Body of a submitit job: runs the point's `rlhf-jax train` on the allocation.
 
     Raises:
@@ -101,7 +104,7 @@ def run_point_job(argv: Sequence[str], env: Mapping[str, str], log_path: str) ->
     """
     with open(log_path, "ab") as out:
         rc = subprocess.call(
-            point_command(argv),
+            point_command(argv, program),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -141,7 +144,9 @@ class SubmititLauncher(Launcher):
 
     def start(self, task: PointTask):
         self.executor.update_parameters(name=task.name)
-        return self.executor.submit(run_point_job, task.argv, task.env, str(task.log_path))
+        return self.executor.submit(
+            run_point_job, task.argv, task.env, str(task.log_path), task.program
+        )
 
     def poll(self, job) -> tuple[str, int | None, str | None]:
         if not job.done():

@@ -506,7 +506,7 @@ class _Run:
         if jax.process_index() == 0:
             # Written once the run is known to train (after the restore and the check for a
             # finished run): a refused or finished rerun leaves the stored config alone.
-            rundir.write_config(self.run_dir)
+            self.write_config()
         bar = tqdm(
             total=cfg.train_steps,
             initial=self.step,
@@ -581,9 +581,13 @@ class _Run:
             **self.spec.summary_extra,
         }
         if jax.process_index() == 0:
-            rundir.write_config(self.run_dir, operative=True)
+            self.write_config(operative=True)
             write_json_atomic(self.run_dir / "summary.json", summary)
         return LoopResult("done", self.step, self.state, summary, self.step_traces)
+
+    def write_config(self, operative: bool = False) -> None:
+        """RUN_DIR/config.gin from gin's global state (a population member writes its own)."""
+        rundir.write_config(self.run_dir, operative=operative)
 
     def close(self) -> None:
         self.ckpt.close()

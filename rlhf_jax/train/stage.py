@@ -15,10 +15,16 @@ then owns the rest, in this order:
    `optimizer_steps_per_iteration`), the state factory and RUN_DIR/model.json;
 4. the `LoopSpec` (generic `train_step` / `eval_step` bound to the algorithm), `train_loop`,
    and the recipe's `finish` on the summary.
+
+Steps 1-3 and the `LoopSpec` are `check_stage` and `build_stage`, so that a population
+(`train.population`) wires each member exactly as a single run; inside `capture_stage()` a gin
+stage function's `run_stage` call returns its recipe and arguments (`StageCaptured`) instead of
+training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -180,7 +186,74 @@ def _model_config(recipe: Recipe, ctx: StageContext, vocab_size: int, match: boo
     return cfg
 
 
-def run_stage(
+@dataclasses.dataclass
+class BuiltStage:
+    """A stage wired up and ready for `train_loop` (what `build_stage` returns)."""
+
+    recipe: Recipe
+    ctx: StageContext
+    spec: LoopSpec
+    loop_cfg: LoopConfig
+
+
+class StageCaptured(Exception):
+    """Raised by `run_stage` inside `capture_stage()`: the stage's call, not run."""
+
+    def __init__(self, recipe: Recipe, kwargs: dict[str, Any]):
+        super().__init__(recipe.name)
+        self.recipe, self.kwargs = recipe, kwargs
+
+
+_capturing = False
+
+
+@contextlib.contextmanager
+def capture_stage() -> Iterator[None]:
+    """Within this context `run_stage` trains nothing: it raises `StageCaptured` with the recipe
+    and arguments a gin stage function built. A population (`train.population`) uses it to get
+    each member's recipe from the same gin files a single run reads."""
+    global _capturing
+    before, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = before
+
+
+def check_stage(recipe: Recipe, *, run_dir: str, seed: int = 0, batch_size: int = 32,
+                init_from: str | None = None, lr_scale: float = 1.0, **_: Any) -> None:  # fmt: skip
+    """The settings checks `run_stage` makes before anything loads (raises `SettingsError`)."""
+    stages.check_stage_settings(
+        run_dir=run_dir, seed=seed, batch_size=batch_size,
+        grad_accum_steps=recipe.algorithm.grad_accum_steps, lr_scale=lr_scale,
+        init_from=init_from, stage=recipe.name,
+    )  # fmt: skip
+    recipe.check_settings()
+    if not recipe.supports_lora:
+        lora.check_unsupported(recipe.name)
+
+
+def run_stage(recipe: Recipe, **kwargs: Any) -> LoopResult:
+    """Runs (or resumes) one training stage of `recipe` (see the module docstring).
+
+    Args:
+      recipe: the algorithm's part.
+      **kwargs: `build_stage`'s arguments (run_dir, seed, batch_size, init_from, ...).
+    """
+    if _capturing:
+        raise StageCaptured(recipe, kwargs)
+    check_stage(recipe, **kwargs)
+    with RunLock(Path(kwargs["run_dir"])):
+        built = build_stage(recipe, **kwargs)
+        ctx = built.ctx
+        result = train_loop(built.spec, built.loop_cfg, run_dir=ctx.run_dir, mesh=ctx.mesh,
+                            rules=ctx.rules, seed=ctx.seed)  # fmt: skip
+        if result.summary is not None:
+            recipe.finish(ctx, result.summary)
+        return result
+
+
+def build_stage(
     recipe: Recipe,
     *,
     run_dir: str,
@@ -192,8 +265,9 @@ def run_stage(
     lr_scale: float = 1.0,
     debug_nan_step: int = -1,
     eval_hook: SampleEval | None = None,
-) -> LoopResult:
-    """Runs (or resumes) one training stage of `recipe` (see the module docstring).
+) -> BuiltStage:
+    """Everything of a stage before its loop; the caller checked it (`check_stage`) and holds
+    the run-directory lock.
 
     Args:
       recipe: the algorithm's part.
@@ -211,55 +285,43 @@ def run_stage(
     """
     loop_cfg = LoopConfig()
     algo = recipe.algorithm
-    stages.check_stage_settings(
-        run_dir=run_dir, seed=seed, batch_size=batch_size,
-        grad_accum_steps=algo.grad_accum_steps, lr_scale=lr_scale, init_from=init_from,
-        stage=recipe.name,
-    )  # fmt: skip
-    recipe.check_settings()
-    if not recipe.supports_lora:
-        lora.check_unsupported(recipe.name)
     run_dir_path = Path(run_dir)
-    with RunLock(run_dir_path):
-        mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
-        partitioning.check_batch_divisible(batch_size, mesh)
-        info = read_model_info(resolve_run_dir(init_from)) if init_from else None
-        ctx = StageContext(run_dir_path, mesh, rules, seed, batch_size, init_from, info)
-        data = recipe.data(ctx, tokenizer or (info or {}).get("tokenizer"))
-        cfg = _model_config(recipe, ctx, data.vocab_size, match_vocab)
-        stages.check_seq_len(cfg, data.seq_len)
-        total = loop_cfg.train_steps * algo.optimizer_steps_per_iteration
-        optimizer = recipe.optimizer(stages.build_optimizer(total))
-        factory = recipe.state(ctx, cfg, optimizer)
-        stages.record_model(
-            run_dir_path, cfg, stage=recipe.name, tokenizer_path=data.tokenizer_path,
-            model_class=recipe.model_class, model_kwargs=recipe.model_kwargs,
-            lora_base=init_from if cfg.lora_rank else None,
-        )  # fmt: skip
-        data = recipe.prepare(ctx, data, cfg, factory)
-        evals = data.eval
-        spec = LoopSpec(
-            step_fn=recipe.step(),
-            state=factory,
-            hparams=HParams.create(
-                recipe.loss_hparams, lr_scale=lr_scale, debug_nan_step=debug_nan_step
-            ),
-            train_data=data.train,
-            frozen=recipe.frozen(ctx, cfg, factory),
-            eval_fn=functools.partial(eval_step, cfg=algo) if evals is not None else None,
-            eval_data=(lambda: iter(evals)) if evals is not None else None,
-            summarize_eval=algo.summarize_eval,
-            count_tokens=recipe.count_tokens,
-            flops_per_batch=functools.partial(recipe.flops_per_batch, cfg),
-            summary_extra={**data.summary, **recipe.summary_extra(ctx)},
-            eval_hook=bind_hook(
-                eval_hook, ctx=ctx, cfg=cfg, factory=factory, tokenizer_path=data.tokenizer_path
-            ),  # fmt: skip
-        )
-        result = train_loop(spec, loop_cfg, run_dir=run_dir_path, mesh=mesh, rules=rules, seed=seed)
-        if result.summary is not None:
-            recipe.finish(ctx, result.summary)
-        return result
+    mesh, rules = partitioning.make_mesh(), partitioning.logical_rules()
+    partitioning.check_batch_divisible(batch_size, mesh)
+    info = read_model_info(resolve_run_dir(init_from)) if init_from else None
+    ctx = StageContext(run_dir_path, mesh, rules, seed, batch_size, init_from, info)
+    data = recipe.data(ctx, tokenizer or (info or {}).get("tokenizer"))
+    cfg = _model_config(recipe, ctx, data.vocab_size, match_vocab)
+    stages.check_seq_len(cfg, data.seq_len)
+    total = loop_cfg.train_steps * algo.optimizer_steps_per_iteration
+    optimizer = recipe.optimizer(stages.build_optimizer(total))
+    factory = recipe.state(ctx, cfg, optimizer)
+    stages.record_model(
+        run_dir_path, cfg, stage=recipe.name, tokenizer_path=data.tokenizer_path,
+        model_class=recipe.model_class, model_kwargs=recipe.model_kwargs,
+        lora_base=init_from if cfg.lora_rank else None,
+    )  # fmt: skip
+    data = recipe.prepare(ctx, data, cfg, factory)
+    evals = data.eval
+    spec = LoopSpec(
+        step_fn=recipe.step(),
+        state=factory,
+        hparams=HParams.create(
+            recipe.loss_hparams, lr_scale=lr_scale, debug_nan_step=debug_nan_step
+        ),
+        train_data=data.train,
+        frozen=recipe.frozen(ctx, cfg, factory),
+        eval_fn=functools.partial(eval_step, cfg=algo) if evals is not None else None,
+        eval_data=(lambda: iter(evals)) if evals is not None else None,
+        summarize_eval=algo.summarize_eval,
+        count_tokens=recipe.count_tokens,
+        flops_per_batch=functools.partial(recipe.flops_per_batch, cfg),
+        summary_extra={**data.summary, **recipe.summary_extra(ctx)},
+        eval_hook=bind_hook(
+            eval_hook, ctx=ctx, cfg=cfg, factory=factory, tokenizer_path=data.tokenizer_path
+        ),  # fmt: skip
+    )
+    return BuiltStage(recipe, ctx, spec, loop_cfg)
 
 
 def pair_tokens(batch: HostBatch) -> float:
