@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 INTERRUPTED_EXIT_CODE = 143
 
 # Stage sizes: (full, --fast). On a quiet 2-core CPU the offline stages take about 3 minutes
-# (151-174 s measured), PPO and RLOO about 1 and 2 more, and --fast under a minute (a smoke
-# test: its reward model, DPO and RL barely train).
+# (151-174 s measured). At load average 9 (the machine shared) the whole run took 885 s, of which
+# PPO 100 s and RLOO 129 s, i.e. about 1 minute together on the quiet machine; --fast took 4-5
+# minutes there (a smoke test: its reward model, DPO and RL barely train; mostly compilation).
 SIZES = {
     "num_texts": (40_000, 4_000),
     "sft_steps": (1200, 60),
