@@ -1,10 +1,12 @@
-"""`rlhf-jax quickstart`: the offline pipeline on the built-in reviews task, on CPU.
+"""`rlhf-jax quickstart`: the RLHF pipeline on the built-in reviews task, on CPU.
 
-SFT → make-preferences → reward model → DPO, each stage run from its own gin experiment file
-(exactly what a researcher would run by hand), then an evaluation of the SFT and DPO policies on
-held-out prompts: mean gold sentiment, offensiveness, sequence KL to the SFT policy and
-completion length, printed as a table and written to OUT_DIR/report.md and report.json. Each
-policy's samples go to its run directory as samples.jsonl.
+SFT → make-preferences → reward model → DPO → PPO → RLOO, each stage run from its own gin
+experiment file (exactly what a researcher would run by hand; PPO and RLOO train online against
+the reward model of the third stage, PPO with a critic initialised from it), then an evaluation
+of the SFT, DPO, PPO and RLOO policies on held-out prompts: mean gold sentiment, offensiveness,
+sequence KL to the SFT policy and completion length, printed as a table and written to
+OUT_DIR/report.md and report.json. Each policy's samples go to its run directory as
+samples.jsonl.
 
 Re-running the command continues where it stopped: a finished stage (its summary.json exists)
 is skipped, an interrupted one resumes from its last checkpoint. SIGTERM or SIGINT stops the
@@ -31,16 +33,26 @@ log = logging.getLogger(__name__)
 # a process killed by it): neither success nor a user error.
 INTERRUPTED_EXIT_CODE = 143
 
-# Stage sizes: (full, --fast). On a quiet 2-core CPU the full run takes about 3 minutes
-# (151-174 s measured) and --fast about 35 s (a smoke test: its reward model and DPO barely train).
+# Stage sizes: (full, --fast). On a quiet 2-core CPU the offline stages take about 3 minutes
+# (151-174 s measured). At load average 9 (the machine shared) the whole run took 885 s, of which
+# PPO 100 s and RLOO 129 s, i.e. about 1 minute together on the quiet machine; --fast took 4-5
+# minutes there (a smoke test: its reward model, DPO and RL barely train; mostly compilation).
 SIZES = {
     "num_texts": (40_000, 4_000),
     "sft_steps": (1200, 60),
     "pref_prompts": (2048, 128),
     "rm_steps": (300, 20),
     "dpo_steps": (300, 20),
+    "ppo_steps": (200, 4),  # RL iterations (rollout + update each)
+    "rloo_steps": (200, 4),
     "eval_prompts": (512, 64),
 }
+
+# The online-RL stages: (policy name in the table, run directory, gin experiment file).
+RL_STAGES = (
+    ("PPO", "ppo", "gin/experiments/ppo_reviews_tiny.gin"),
+    ("RLOO", "rloo", "gin/experiments/rloo_reviews_tiny.gin"),
+)
 
 
 def _size(name: str, fast: bool) -> int:
@@ -104,7 +116,16 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
-    """Runs the whole offline pipeline; returns the evaluation results."""
+    """Runs the whole pipeline (offline and online stages); returns the report.
+
+    Args:
+      out_dir: the output folder (one run directory per stage, the report).
+      fast: the smoke-test sizes (`SIZES`).
+
+    Returns:
+      The report: `results` ({policy: evaluation}), `reward_model` and `preferences`
+      (summaries), `timings_s` (per stage), `total_s`, `fast`.
+    """
     from rlhf_jax.commands import evaluate_policies
     from rlhf_jax.data.prompts import read_prompts
     from rlhf_jax.data.tasks.reviews import build_reviews_task
@@ -124,7 +145,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
     sft, prefs, rm, dpo = out / "sft", out / "preferences", out / "reward", out / "dpo"
     timings = {}
     timings["sft"] = run_stage(
-        "[1/5] SFT",
+        "[1/7] SFT",
         ["gin/experiments/sft_reviews_tiny.gin"],
         [
             f"RUN_DIR='{sft}'",
@@ -135,7 +156,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         sft,
     )
     timings["preferences"] = run_stage(
-        "[2/5] make-preferences",
+        "[2/7] make-preferences",
         ["gin/base/make_preferences.gin"],
         [
             f"CHECKPOINT='{sft}'",
@@ -147,7 +168,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         command="make-preferences",
     )
     timings["reward"] = run_stage(
-        "[3/5] reward model",
+        "[3/7] reward model",
         ["gin/experiments/reward_reviews_tiny.gin"],
         [
             f"RUN_DIR='{rm}'",
@@ -158,7 +179,7 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         rm,
     )
     timings["dpo"] = run_stage(
-        "[4/5] DPO",
+        "[4/7] DPO",
         ["gin/experiments/dpo_reviews_tiny.gin"],
         [
             f"RUN_DIR='{dpo}'",
@@ -169,12 +190,29 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         ],
         dpo,
     )
-    print("== [5/5] evaluation on held-out prompts", flush=True)
+    policies = {"SFT": str(sft), "DPO": str(dpo)}
+    for i, (name, sub, gin_file) in enumerate(RL_STAGES):
+        run_dir = out / sub
+        timings[sub] = run_stage(
+            f"[{5 + i}/7] {name}",
+            [gin_file],
+            [
+                f"RUN_DIR='{run_dir}'",
+                f"SFT_RUN='{sft}'",
+                f"REWARD_RUN='{rm}'",
+                f"REVIEWS_DIR='{out / 'task'}'",
+                f"REVIEWS_NUM_TEXTS={_size('num_texts', fast)}",
+                f"TRAIN_STEPS={_size(sub + '_steps', fast)}",
+                # No in-stage sampling eval: the evaluation below scores every policy alike.
+                "rl_stage.eval_hook=None",
+            ],
+            run_dir,
+        )
+        policies[name] = str(run_dir)
+    print("== [7/7] evaluation on held-out prompts", flush=True)
     t0 = time.time()
     prompts = read_prompts(task.eval_prompts_path, "train", limit=_size("eval_prompts", fast))
-    results = evaluate_policies(
-        {"SFT": str(sft), "DPO": str(dpo)}, reference=str(sft), prompts=prompts
-    )
+    results = evaluate_policies(policies, reference=str(sft), prompts=prompts)
     timings["eval"] = time.time() - t0
     rm_summary = json.loads((rm / "summary.json").read_text())
     pref_meta = json.loads((prefs / "preferences.json").read_text())
@@ -198,8 +236,9 @@ def quickstart(out_dir: str = "runs/quickstart", fast: bool = False) -> dict:
         f"![gold scores against KL to SFT]({plot.name})\n",
     )
     print("\n" + table + "\n")
+    samples = ", ".join(str(Path(d) / "samples.jsonl") for d in policies.values())
     print(
-        f"report: {out / 'report.md'} (plot {plot})  samples: {sft / 'samples.jsonl'}, "
-        f"{dpo / 'samples.jsonl'}  total {report['total_s']:.0f} s"
+        f"report: {out / 'report.md'} (plot {plot})  samples: {samples}  "
+        f"total {report['total_s']:.0f} s"
     )
     return report

@@ -1,5 +1,6 @@
-"""The main job end to end: `rlhf-jax quickstart --fast` (about 35 s on 2 cores), then a rerun
-that skips every finished stage."""
+"""The main job end to end: `rlhf-jax quickstart --fast` (about a minute on 2 cores: SFT,
+preferences, reward model, DPO, PPO, RLOO, evaluation), then a rerun that skips every finished
+stage."""
 
 import json
 import math
@@ -18,8 +19,12 @@ def test_fast_quickstart_runs_every_stage_and_reruns_from_its_outputs(tmp_path, 
         "preferences/train.parquet",
         "reward/summary.json",
         "dpo/summary.json",
+        "ppo/summary.json",
+        "rloo/summary.json",
         "sft/samples.jsonl",
         "dpo/samples.jsonl",
+        "ppo/samples.jsonl",
+        "rloo/samples.jsonl",
         "report.json",
         "report.md",
         "report.png",
@@ -31,12 +36,29 @@ def test_fast_quickstart_runs_every_stage_and_reruns_from_its_outputs(tmp_path, 
     )
 
     res = report["results"]
-    assert set(res) == {"SFT", "DPO"}
+    assert list(res) == ["SFT", "DPO", "PPO", "RLOO"]
     for policy in res.values():
         assert policy["samples"] == 64
         assert all(math.isfinite(v) for v in policy.values())
     assert res["SFT"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is SFT itself
     assert res["DPO"]["kl"] > 0.5  # DPO moved away from it (3.1 ± 0.4 nats measured)
+    table = (out / "report.md").read_text()
+    for name in res:
+        assert f"| {name} |" in table, name
+    # The online stages trained the SFT policy against the quickstart's own reward model (PPO
+    # with a critic initialised from it), and their policies moved away from SFT.
+    for name, sub, estimator in (("PPO", "ppo", "gae"), ("RLOO", "rloo", "rloo")):
+        summary = json.loads((out / sub / "summary.json").read_text())
+        assert summary["step"] == 4 and summary["rl/estimator"] == estimator, summary
+        assert summary["rl/reward_source"] == "model"
+        assert summary["rl/reward_run"] == str(out / "reward")
+        assert math.isfinite(summary["train/reward/proxy"]) and summary["train/kl/k1"] > 0
+        assert res[name]["kl"] > 0.0, name
+    ppo_ckpt = json.loads((out / "ppo/model.json").read_text())
+    assert ppo_ckpt["model_class"] == "Transformer"
+    assert sorted(json.loads((out / "report.json").read_text())["timings_s"]) == [
+        "dpo", "eval", "ppo", "preferences", "reward", "rloo", "sft",
+    ]  # fmt: skip
     sft = json.loads((out / "sft/summary.json").read_text())
     assert sft["eval/loss"] < sft["baseline/unigram_eval_loss"] - 0.3  # SFT learned something
     assert json.loads((out / "report.json").read_text())["results"] == res
@@ -44,7 +66,7 @@ def test_fast_quickstart_runs_every_stage_and_reruns_from_its_outputs(tmp_path, 
     capsys.readouterr()
     again = quickstart(out_dir=str(out), fast=True)
     printed = capsys.readouterr().out
-    assert printed.count("already done") == 4  # SFT, preferences, reward model, DPO
+    assert printed.count("already done") == 6  # SFT, preferences, reward model, DPO, PPO, RLOO
     assert again["results"] == res  # the evaluation is deterministic
 
 
