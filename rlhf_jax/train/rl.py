@@ -505,7 +505,8 @@ class RLRecipe(Recipe):
         # (forward + backward ~ 3 forwards), per completion row.
         rl = self.algorithm.rl
         seq = batch["input_ids"].shape[1] + rl.max_new_tokens
-        forwards = 3 + 3 * rl.epochs + (4 if rl.has_critic else 0)
+        # A separate critic adds its own forwards and backwards; a head on the trunk adds ~nothing.
+        forwards = 3 + 3 * rl.epochs + (4 if rl.has_critic and not rl.value_head else 0)
         return cfg.flops_per_token(seq) / 3.0 * forwards * rl.rollout_batch_size * seq
 
     def summary_extra(self, ctx: StageContext) -> dict[str, Any]:
@@ -630,7 +631,9 @@ def rl_stage(
         overrides["pad_id"] = tok.pad_id
     cfg = rl_config(**overrides)  # validates the settings (SettingsError naming them)
     hp = rl_hparams()
-    needs_rm = reward == "model" or (cfg.has_critic and value_init == "reward")
+    needs_rm = reward == "model" or (
+        cfg.has_critic and not cfg.value_head and value_init == "reward"
+    )  # a value head starts fresh on the policy trunk
     if reward_run is None and needs_rm:
         what = "reward='model'" if reward == "model" else "a critic with value_init='reward'"
         raise SettingsError(f"rl_stage.reward_run (REWARD_RUN) is required for {what}")
