@@ -27,7 +27,8 @@ COMMANDS = {
     "generate": "sample completions for prompts from a policy checkpoint (JSONL out)",
     "make-preferences": "sample K completions per prompt, score them with the gold judge and "
     "label preference pairs",
-    "quickstart": "SFT, preferences, reward model, DPO, PPO and RLOO on the built-in reviews task, on CPU",
+    "quickstart": "SFT, preferences, reward model, DPO, PPO and RLOO on the built-in reviews "
+    "task, on CPU",
     "export": "write a run's model (policy or reward model) as a Hugging Face directory: "
     "rlhf-jax export RUN_DIR OUT_DIR",
     "sweep": "run a grid of `train` runs (a spec file, or --gin_file with --grid KEY=V1,V2)",

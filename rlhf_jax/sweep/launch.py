@@ -48,7 +48,7 @@ from rlhf_jax.sweep.launchers import (  # noqa: F401 (re-exported: the launchers
     last_error,
     run_point_job,
 )
-from rlhf_jax.sweep.spec import Sweep, SweepError, binding_lines, point_name
+from rlhf_jax.sweep.spec import GIN_FILE_KEY, Sweep, SweepError, binding_lines, point_name
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def _is_macro(key: str) -> bool:
 
 
 def validate(sweep: Sweep) -> None:
-    """Parses the base gin files with each point's bindings in this process (nothing runs).
+    """Parses each point's gin files with its bindings in this process (nothing runs).
 
     Raises:
-      SweepError: a file does not parse, a point sets a macro the files do not define, a
+      SweepError: a file does not parse, a point sets a macro its files do not define, a
         binding does not parse, or a REQUIRED macro is left unset.
     """
     import gin
@@ -120,35 +120,47 @@ def validate(sweep: Sweep) -> None:
 
     shared = binding_lines(sweep.bindings)
     run_dir = "RUN_DIR = '/sweep/point'"
-    try:
-        gin.clear_config()
-        try:
-            commands.parse_gin(sweep.gin_files, [])
-        except gin_utils.GinConfigError as e:
-            # Macros left REQUIRED are checked per point below (a point may set them); that
-            # check runs last in `parse`, so the files themselves did parse.
-            if not str(e).startswith(("REQUIRED macro", "macro(s) used")):
-                raise SweepError(f"the sweep's base gin files do not parse: {e}") from None
-        defined = set(gin_utils.macros())
-        if "RUN_DIR" not in defined:
-            raise SweepError(
-                f"the base gin files {sweep.gin_files} define no RUN_DIR macro: a sweep "
-                "sets RUN_DIR for each point"
-            )
-        for where, bindings in [("the shared bindings", sweep.bindings)] + [
-            (f"point {point_name(p)}", p) for p in sweep.points
-        ]:
-            unknown = sorted(k for k in bindings if _is_macro(k) and k not in defined)
-            if unknown:
+    defined_by: dict[tuple[str, ...], set[str]] = {}
+
+    def defined(files: list[str]) -> set[str]:
+        """The macros `files` define (parsed once per distinct list of files)."""
+        key = tuple(files)
+        if key not in defined_by:
+            gin.clear_config()
+            try:
+                commands.parse_gin(files, [])
+            except gin_utils.GinConfigError as e:
+                # Macros left REQUIRED are checked per point below (a point may set them);
+                # that check runs last in `parse`, so the files themselves did parse.
+                if not str(e).startswith(("REQUIRED macro", "macro(s) used")):
+                    raise SweepError(f"the sweep's gin files {files} do not parse: {e}") from None
+            defined_by[key] = set(gin_utils.macros())
+            if "RUN_DIR" not in defined_by[key]:
                 raise SweepError(
-                    f"unknown macro {unknown[0]} in {where}: the gin files "
-                    f"{', '.join(sweep.gin_files)} do not define it "
-                    f"(they define {', '.join(sorted(defined))})"
+                    f"the gin files {files} define no RUN_DIR macro: a sweep sets RUN_DIR for "
+                    "each point"
                 )
+        return defined_by[key]
+
+    try:
+        for p in sweep.points:
+            files = sweep.files(p)
+            names = defined(files)
+            for where, bindings in (("the shared bindings", sweep.bindings),
+                                    (f"point {point_name(p)}", p)):  # fmt: skip
+                unknown = sorted(
+                    k for k in bindings if _is_macro(k) and k != GIN_FILE_KEY and k not in names
+                )
+                if unknown:
+                    raise SweepError(
+                        f"unknown macro {unknown[0]} in {where}: the gin files "
+                        f"{', '.join(files)} do not define it "
+                        f"(they define {', '.join(sorted(names))})"
+                    )
         for p in sweep.points:
             gin.clear_config()
             try:
-                commands.parse_gin(sweep.gin_files, [*shared, *binding_lines(p), run_dir])
+                commands.parse_gin(sweep.files(p), [*shared, *binding_lines(p), run_dir])
             except gin_utils.GinConfigError as e:
                 raise SweepError(f"point {point_name(p)}: {e}") from None
     finally:
@@ -469,15 +481,16 @@ def _prepare_point(
     run_dir = out_dir / p["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     bindings = sweep.points[[point_name(q) for q in sweep.points].index(p["name"])]
+    files = sweep.files(bindings)
     lines = [
-        f"# Bindings of sweep point {p['name']} (after the base gin files {sweep.gin_files}).",
+        f"# Bindings of sweep point {p['name']} (after the gin files {files}).",
         *shared,
         *binding_lines(bindings),
         f"RUN_DIR = {str(run_dir)!r}",
     ]
     (run_dir / "bindings.gin").write_text("\n".join(lines) + "\n")
     argv = ["train"]
-    for f in sweep.gin_files:
+    for f in files:
         argv += ["--gin_file", str(f)]
     argv += ["--gin_file", str(run_dir / "bindings.gin")]
     write_json_strict(
@@ -485,7 +498,7 @@ def _prepare_point(
         {
             "name": p["name"],
             "bindings": p["bindings"],
-            "gin_files": list(sweep.gin_files),
+            "gin_files": list(files),
             "argv": argv,
         },  # fmt: skip
     )

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rlhf_jax.sweep.spec import GIN_FILE_KEY
+
 if TYPE_CHECKING:
     from rlhf_jax.sweep.report import ConfigStats, Run
 
-# Bindings that name a run's algorithm (else config.gin's DPO_LOSS_TYPE or train.stage).
+# Bindings that name a run's algorithm after ALGORITHM and a point's own gin file (GIN_FILE:
+# its stem); else config.gin's DPO_LOSS_TYPE or train.stage.
 ALGORITHM_KEYS = ("ALGORITHM", "DPO_LOSS_TYPE", "LOSS_TYPE")
 
 
@@ -89,7 +92,10 @@ def plot_curves(configs: Sequence[ConfigStats], metric: str, path: Path) -> Path
 
 def _algorithm_and_beta(run: Run) -> tuple[str, str | None]:
     b = run.bindings
-    algo = next((str(b[k]) for k in ALGORITHM_KEYS if k in b), None)
+    algo = str(b["ALGORITHM"]) if "ALGORITHM" in b else None
+    if algo is None and GIN_FILE_KEY in b:  # a point's own gin file names its algorithm
+        algo = dict(run.config)[GIN_FILE_KEY]
+    algo = algo or next((str(b[k]) for k in ALGORITHM_KEYS if k in b), None)
     beta = str(b["BETA"]) if "BETA" in b else None
     if algo is None or beta is None:
         try:

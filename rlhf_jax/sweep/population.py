@@ -141,7 +141,7 @@ def group_points(sweep: Sweep) -> list[Group]:
             # One placeholder RUN_DIR for all: a point's own RUN_DIR is per member anyway.
             lines = [*shared, *binding_lines(p), "RUN_DIR = '/sweep/point'"]
             try:
-                key = static_signature(point_name(p), sweep.gin_files, lines)
+                key = static_signature(point_name(p), sweep.files(p), lines)
             except PopulationError as e:
                 raise SweepError(f"point {point_name(p)}: {e}") from None
             except UserError as e:
@@ -198,9 +198,10 @@ def run_populations(
         job, result, log_path = (pop_dir / f"population-{k}{ext}"
                                  for ext in (".json", ".result.json", ".log"))  # fmt: skip
         members = []
+        point_of = dict(zip(sweep.names, sweep.points, strict=True))
         for p in todo:
             task = prepare(p)
-            gin_files = [*sweep.gin_files, str(task.run_dir / "bindings.gin")]
+            gin_files = [*sweep.files(point_of[p["name"]]), str(task.run_dir / "bindings.gin")]
             members.append({"name": p["name"], "gin_files": gin_files, "bindings": []})
         pop_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(job, {"sweep": sweep.name, "population": k, "members": members})

@@ -7,6 +7,9 @@ A point is a dict of gin bindings (`{"BETA": 0.1, "SEED": 0}`; keys are macros o
 - `product(*grids)`: every combination (the first grid varies slowest, as in `itertools.product`);
 - `zip(*grids)`: the i-th points of equal-length grids merged;
 - `seeds(n)`: `sweep("SEED", range(n))`;
+- `gin_files(*alternatives)`: `sweep("GIN_FILE", alternatives)`, points that add gin files of
+  their own after the base files (a config group in Hydra's terms): one sweep can then mix
+  stages, e.g. PPO points and DPO points of one frontier.
 
 and a `Sweep` names the base gin files, bindings shared by every point and the points. A spec
 file is a small Python module that defines `SWEEP = Sweep(...)`:
@@ -43,6 +46,9 @@ Point = dict[str, Any]
 
 # Keys a report treats as repetitions of one configuration rather than a setting of it.
 SEED_KEYS = ("SEED",)
+# The reserved point key whose value (a path, or a tuple of paths) adds gin files to the point's
+# base files, after them; it is not a gin binding.
+GIN_FILE_KEY = "GIN_FILE"
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:[./][A-Za-z_][A-Za-z0-9_]*)*$")
 _CLEAN_VALUE_RE = re.compile(r"^[A-Za-z0-9.+-]+$")
@@ -74,7 +80,28 @@ def _check_key(key: Any) -> str:
     return key
 
 
+def _check_gin_file(value: Any) -> tuple[str, ...]:
+    files = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(files, (list, tuple))
+        or not files
+        or not all(isinstance(f, str) and f.strip() for f in files)
+    ):
+        raise SweepError(
+            f"bad value {value!r} for {GIN_FILE_KEY}: a gin file's path, or a tuple of paths"
+        )
+    return tuple(files)
+
+
+def point_gin_files(point: Mapping[str, Any]) -> tuple[str, ...]:
+    """The gin files a point adds to the sweep's base files (its `GIN_FILE`), or ()."""
+    return _check_gin_file(point[GIN_FILE_KEY]) if GIN_FILE_KEY in point else ()
+
+
 def _check_value(key: str, value: Any) -> Any:
+    if key == GIN_FILE_KEY:
+        _check_gin_file(value)
+        return value
     ok = (bool, int, float, str, type(None), GinRef)
     if isinstance(value, (list, tuple)):
         for v in value:
@@ -103,6 +130,14 @@ def sweep(key: str, values: Iterable[Any]) -> list[Point]:
 def seeds(n: int | Iterable[int], key: str = "SEED") -> list[Point]:
     """`sweep(key, range(n))` (or over the given seeds)."""
     return sweep(key, range(n) if isinstance(n, int) else n)
+
+
+def gin_files(*alternatives: str | Sequence[str]) -> list[Point]:
+    """Points over alternative gin files: `gin_files("ppo.gin", "dpo.gin")` is
+    `[{"GIN_FILE": "ppo.gin"}, {"GIN_FILE": "dpo.gin"}]`; an alternative may be a tuple of files.
+    Each point's files are parsed after the sweep's base files, before its bindings.
+    """
+    return sweep(GIN_FILE_KEY, [a if isinstance(a, str) else tuple(a) for a in alternatives])
 
 
 def _merge(points: Sequence[Mapping[str, Any]]) -> Point:
@@ -153,8 +188,8 @@ def format_value(value: Any) -> str:
 
 
 def binding_lines(point: Mapping[str, Any]) -> list[str]:
-    """`KEY = VALUE` gin bindings of a point, in its key order."""
-    return [f"{k} = {format_value(v)}" for k, v in point.items()]
+    """`KEY = VALUE` gin bindings of a point, in its key order (its GIN_FILE is not one)."""
+    return [f"{k} = {format_value(v)}" for k, v in point.items() if k != GIN_FILE_KEY]
 
 
 def _canonical(point: Mapping[str, Any]) -> str:
@@ -186,6 +221,8 @@ def point_name(point: Mapping[str, Any]) -> str:
         return "default"
     parts, lossless = [], True
     for k, v in point.items():
+        if k == GIN_FILE_KEY:  # named by the files' stems: GIN_FILE=ppo
+            v = "+".join(Path(f).stem for f in _check_gin_file(v))
         text, ok = _name_value(v)
         lossless &= ok and "/" not in k
         parts.append(f"{k.replace('/', '_')}={text}")
@@ -201,8 +238,10 @@ class Sweep:
     """A sweep: base gin files, bindings shared by every point, and the points.
 
     Attributes:
-      gin_files: base gin files, in order (later ones win).
-      points: the grid (a list of binding dicts), e.g. from `product` / `zip` / `sweep`.
+      gin_files: base gin files, in order (later ones win); may be empty when every point
+        names its own (`GIN_FILE`).
+      points: the grid (a list of binding dicts), e.g. from `product` / `zip` / `sweep` /
+        `gin_files`.
       bindings: bindings every point gets (the points' own bindings win).
       name: a label for logs and reports (default: the spec file's name).
     """
@@ -216,8 +255,6 @@ class Sweep:
         if isinstance(self.gin_files, str):
             self.gin_files = [self.gin_files]
         self.gin_files = list(self.gin_files)
-        if not self.gin_files:
-            raise SweepError("a sweep needs at least one base gin file")
         self.points = [dict(p) for p in self.points]
         if not self.points:
             raise SweepError("the sweep's grid is empty")
@@ -225,17 +262,36 @@ class Sweep:
             for k, v in p.items():
                 _check_value(_check_key(k), v)
         self.bindings = dict(self.bindings)
+        if GIN_FILE_KEY in self.bindings:
+            raise SweepError(
+                f"{GIN_FILE_KEY} is a point's own gin file: put shared files in gin_files"
+            )
+        if not self.gin_files and not all(GIN_FILE_KEY in p for p in self.points):
+            raise SweepError(
+                "a sweep needs at least one base gin file (or a GIN_FILE in every point)"
+            )
         names = [point_name(p) for p in self.points]
         seen: dict[str, int] = {}
         for i, n in enumerate(names):
             if n in seen:
+                j = seen[n]
+                if _canonical(self.points[j]) != _canonical(self.points[i]):
+                    raise SweepError(
+                        f"points {j} and {i} of the grid get the same run-directory name ({n}) "
+                        f"although their gin files differ ({point_gin_files(self.points[j])} "
+                        f"and {point_gin_files(self.points[i])}): give the files distinct names"
+                    )
                 raise SweepError(
-                    f"points {seen[n]} and {i} of the grid are the same ({n}): a sweep runs "
+                    f"points {j} and {i} of the grid are the same ({n}): a sweep runs "
                     "each configuration once (add seeds to repeat it)"
                 )
             seen[n] = i
         if "RUN_DIR" in self.bindings or any("RUN_DIR" in p for p in self.points):
             raise SweepError("RUN_DIR is set by the sweep (OUT_DIR/<point name>): do not bind it")
+
+    def files(self, point: Mapping[str, Any]) -> list[str]:
+        """The gin files of `point`: the base files, then its own (`GIN_FILE`)."""
+        return [*self.gin_files, *point_gin_files(point)]
 
     @property
     def names(self) -> list[str]:

@@ -6,11 +6,13 @@ re-run skips finished points, resumes an unfinished one and retries the failed o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from conftest import BAD, GOOD
 
 from rlhf_jax.sweep import launch
-from rlhf_jax.sweep.spec import point_name
+from rlhf_jax.sweep.spec import SweepError, point_name
 
 
 def _state(out):
@@ -93,3 +95,30 @@ def test_scheduling_and_bookkeeping_without_real_runs(tmp_path):
     assert errors["A=0"] is None and errors["A=1"] == "exit code 3: KeyError: 'boom'"
     assert errors["A=99"] == "could not start: OSError: no slot"
     assert [p["returncode"] for p in state["points"]] == [0, 3, 0, 3, 0, None]
+
+
+def test_points_with_their_own_gin_files_mix_stages(tmp_path, monkeypatch):
+    """A DPO point and an RLOO point in one sweep: each is validated against its own files
+    (a macro only the other stage defines is refused by name) and runs with them."""
+    from rlhf_jax.sweep.spec import Sweep, gin_files, product, sweep
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    d = {"GIN_FILE": "gin/experiments/dpo_reviews_tiny.gin", "SFT_RUN": "s", "PREFERENCES": "p"}
+    r = {"GIN_FILE": "gin/experiments/rloo_reviews_tiny.gin", "SFT_RUN": "s", "REWARD_RUN": "r"}
+    launch.validate(Sweep([], [{**d, "BETA": 0.3}, {**r, "KL_COEF": 0.1}]))
+    with pytest.raises(SweepError, match=r"unknown macro BETA in point GIN_FILE=rloo_reviews_tiny"):
+        launch.validate(Sweep([], [d, {**r, "BETA": 0.3}]))
+    with pytest.raises(SweepError, match="do not parse"):
+        launch.validate(Sweep([], gin_files("no/such.gin")))
+
+    fake = _FakeLauncher()
+    s = Sweep(["base.gin"], product(gin_files("one.gin", "two.gin"), sweep("A", [0])))
+    launch.run_sweep(s, tmp_path / "s", launcher=fake, parallel=1, poll_s=0,
+                     validate_first=False, stream=None)  # fmt: skip
+    for stem in ("one", "two"):
+        run_dir = tmp_path / "s" / f"GIN_FILE={stem},A=0"
+        point = json.loads((run_dir / "point.json").read_text())
+        assert point["gin_files"] == ["base.gin", f"{stem}.gin"]
+        assert point["argv"][:5] == ["train", "--gin_file", "base.gin", "--gin_file", f"{stem}.gin"]
+        lines = (run_dir / "bindings.gin").read_text().splitlines()
+        assert [x for x in lines if not x.startswith("#")] == ["A = 0", f"RUN_DIR = '{run_dir}'"]

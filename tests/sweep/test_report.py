@@ -105,3 +105,15 @@ def test_report_command(written, capsys):
     assert "report.html" in capsys.readouterr().out
     assert cli.main(["report", str(out), "--metric", "eval/nonexistent"]) == 2
     assert "eval/nonexistent" in capsys.readouterr().err
+
+
+def test_a_points_own_gin_file_names_its_algorithm(tmp_path):
+    """The frontier colours a point by its GIN_FILE's stem; the table groups by it."""
+    from rlhf_jax.sweep.plots import _algorithm_and_beta
+    from rlhf_jax.sweep.report import Run
+
+    ppo = Run("a", tmp_path, {"GIN_FILE": "exp/ppo.gin", "SEED": 0}, "done", None, {})
+    dpo = Run("b", tmp_path, {"GIN_FILE": "exp/dpo.gin", "BETA": 0.3, "SEED": 1}, "done", None, {})
+    assert _algorithm_and_beta(ppo) == ("ppo", None)
+    assert _algorithm_and_beta(dpo) == ("dpo", "0.3")
+    assert dpo.config == (("GIN_FILE", "dpo"), ("BETA", "0.3"))

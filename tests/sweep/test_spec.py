@@ -95,3 +95,26 @@ def test_grid_flags():
     for bad in (["BETA="], ["BETA"], [], ["BETA= , "]):
         with pytest.raises(SweepError):
             spec.grid_from_flags(bad)
+
+
+def test_points_with_their_own_gin_files():
+    grid = product(spec.gin_files("exp/ppo.gin", ("exp/dpo.gin", "exp/long.gin")), seeds(2))
+    s = Sweep(gin_files=["base.gin"], points=grid)
+    assert s.names == ["GIN_FILE=ppo,SEED=0", "GIN_FILE=ppo,SEED=1",
+                       "GIN_FILE=dpo+long,SEED=0", "GIN_FILE=dpo+long,SEED=1"]  # fmt: skip
+    assert s.files(grid[0]) == ["base.gin", "exp/ppo.gin"]
+    assert s.files(grid[2]) == ["base.gin", "exp/dpo.gin", "exp/long.gin"]
+    # GIN_FILE chooses files; it is not a gin binding.
+    assert spec.binding_lines(grid[2]) == ["SEED = 0"]
+    # Without base files every point must bring its own.
+    assert Sweep([], spec.gin_files("a.gin", "b.gin")).files({"GIN_FILE": "b.gin"}) == ["b.gin"]
+    with pytest.raises(SweepError, match="at least one base gin file"):
+        Sweep([], [{"GIN_FILE": "a.gin"}, {"A": 1}])
+    with pytest.raises(SweepError, match="distinct names"):
+        Sweep(["base.gin"], spec.gin_files("x/ppo.gin", "y/ppo.gin"))
+    with pytest.raises(SweepError, match="GIN_FILE"):
+        Sweep(["base.gin"], [{"A": 1}], bindings={"GIN_FILE": "a.gin"})
+    for bad in ("", (), 3, ("a.gin", 1)):
+        with pytest.raises(SweepError, match="bad value"):
+            Sweep(["base.gin"], [{"GIN_FILE": bad}])
+    assert s.fingerprint() != Sweep(["base.gin"], spec.gin_files("exp/grpo.gin")).fingerprint()
