@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 # a process killed by it): neither success nor a user error.
 INTERRUPTED_EXIT_CODE = 143
 
-# Stage sizes: (full, --fast). On a quiet 2-core CPU the offline stages take about 3 minutes
-# (151-174 s measured). At load average 9 (the machine shared) the whole run took 885 s, of which
-# PPO 100 s and RLOO 129 s, i.e. about 1 minute together on the quiet machine; --fast took 4-5
-# minutes there (a smoke test: its reward model, DPO and RL barely train; mostly compilation).
+# Stage sizes: (full, --fast). On a quiet 2-core CPU the whole quickstart took 297 s (SFT 86 s,
+# DPO 83 s, PPO 36 s, RLOO 44 s, the rest 47 s; 2026-12-04, cold compilation cache); at load
+# average 9 (the machine shared) 885 s. --fast took 4-5 minutes at that load (a smoke test: its
+# reward model, DPO and RL barely train; mostly compilation).
 SIZES = {
     "num_texts": (40_000, 4_000),
     "sft_steps": (1200, 60),
