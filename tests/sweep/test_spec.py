@@ -118,3 +118,6 @@ def test_points_with_their_own_gin_files():
         with pytest.raises(SweepError, match="bad value"):
             Sweep(["base.gin"], [{"GIN_FILE": bad}])
     assert s.fingerprint() != Sweep(["base.gin"], spec.gin_files("exp/grpo.gin")).fingerprint()
+    # The same from the command line: --grid 'GIN_FILE=exp/ppo.gin,exp/dpo.gin'.
+    flags = spec.grid_from_flags(["GIN_FILE=exp/ppo.gin,exp/dpo.gin", "SEED=0"])
+    assert Sweep(["base.gin"], flags).names == ["GIN_FILE=ppo,SEED=0", "GIN_FILE=dpo,SEED=0"]
