@@ -117,17 +117,18 @@ def plot_frontier(configs: Sequence[ConfigStats], x: str, y: str, path: Path) ->
     """`y` (gold reward) against `x` (KL to the reference), one point per configuration with
     its bootstrap intervals, coloured by algorithm and labelled by β; None without data."""
     plt, fig, ax = _figure()
-    colors: dict[str, str] = {}
+    styles: dict[str, tuple[str, str]] = {}  # algorithm -> (colour, marker): 10 colours per marker
     drawn = False
     for c in configs:
         (mx, lx, hx), (my, ly, hy) = c.stats.get(x), c.stats.get(y)
         if math.isnan(mx) or math.isnan(my):
             continue
         algo, beta = _algorithm_and_beta(c.runs[0])
-        color = colors.setdefault(algo, f"C{len(colors) % 10}")
+        n = len(styles)
+        color, marker = styles.setdefault(algo, (f"C{n % 10}", "os^Dv"[(n // 10) % 5]))
         first = algo not in ax.get_legend_handles_labels()[1]
-        ax.errorbar(mx, my, xerr=[[mx - lx], [hx - mx]], yerr=[[my - ly], [hy - my]], fmt="o",
-                    color=color, capsize=3, label=algo if first else None)  # fmt: skip
+        ax.errorbar(mx, my, xerr=[[mx - lx], [hx - mx]], yerr=[[my - ly], [hy - my]],
+                    fmt=marker, color=color, capsize=3, label=algo if first else None)  # fmt: skip
         if beta is not None:
             ax.annotate(f"β={beta}", (mx, my), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)  # fmt: skip
