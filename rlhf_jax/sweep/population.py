@@ -181,6 +181,7 @@ def run_populations(
       finished: whether a run directory holds a finished run (its summary.json).
     """
 
+    point_of = dict(zip(sweep.names, sweep.points, strict=True))
     for k, (indices, error) in enumerate(groups):
         for i in indices:
             points[i]["population"] = k
@@ -198,7 +199,6 @@ def run_populations(
         job, result, log_path = (pop_dir / f"population-{k}{ext}"
                                  for ext in (".json", ".result.json", ".log"))  # fmt: skip
         members = []
-        point_of = dict(zip(sweep.names, sweep.points, strict=True))
         for p in todo:
             task = prepare(p)
             gin_files = [*sweep.files(point_of[p["name"]]), str(task.run_dir / "bindings.gin")]

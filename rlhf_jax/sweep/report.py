@@ -32,7 +32,7 @@ import numpy as np
 
 from rlhf_jax.sweep.launch import write_json_strict
 from rlhf_jax.sweep.plots import plot_accuracy, plot_curves, plot_frontier, slug
-from rlhf_jax.sweep.spec import GIN_FILE_KEY, SweepError, is_seed_key
+from rlhf_jax.sweep.spec import GIN_FILE_KEY, SweepError, gin_files_label, is_seed_key
 
 # Default axes of the frontier plot: the first of each list that the runs report.
 GOLD_METRICS = ("eval/gold/reward", "eval/gold_reward", "gold/reward", "eval/gold/sentiment",
@@ -62,7 +62,7 @@ class Run:
     def config(self) -> tuple[tuple[str, str], ...]:
         """The run's configuration: its bindings without the seeds (a point's own gin files by
         their stems, which the sweep keeps distinct)."""
-        return tuple((k, _stems(v) if k == GIN_FILE_KEY else _fmt(v))
+        return tuple((k, gin_files_label(v) if k == GIN_FILE_KEY else _fmt(v))
                      for k, v in self.bindings.items() if not is_seed_key(k))  # fmt: skip
 
     def metric(self, key: str) -> float | None:
@@ -72,10 +72,6 @@ class Run:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _stems(files: str | Sequence[str]) -> str:
-    return "+".join(Path(f).stem for f in ([files] if isinstance(files, str) else files))
 
 
 def _fmt(v: Any) -> str:

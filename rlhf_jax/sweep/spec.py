@@ -93,6 +93,11 @@ def _check_gin_file(value: Any) -> tuple[str, ...]:
     return tuple(files)
 
 
+def gin_files_label(value: Any) -> str:
+    """A GIN_FILE value as its files' stems, `ppo` or `dpo+long` (point names, report labels)."""
+    return "+".join(Path(f).stem for f in _check_gin_file(value))
+
+
 def point_gin_files(point: Mapping[str, Any]) -> tuple[str, ...]:
     """The gin files a point adds to the sweep's base files (its `GIN_FILE`), or ()."""
     return _check_gin_file(point[GIN_FILE_KEY]) if GIN_FILE_KEY in point else ()
@@ -222,7 +227,7 @@ def point_name(point: Mapping[str, Any]) -> str:
     parts, lossless = [], True
     for k, v in point.items():
         if k == GIN_FILE_KEY:  # named by the files' stems: GIN_FILE=ppo
-            v = "+".join(Path(f).stem for f in _check_gin_file(v))
+            v = gin_files_label(v)
         text, ok = _name_value(v)
         lossless &= ok and "/" not in k
         parts.append(f"{k.replace('/', '_')}={text}")
